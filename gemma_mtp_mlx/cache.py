@@ -1,0 +1,135 @@
+"""Speculation-safe K/V caches for the target model.
+
+Full-attention layers keep mlx-lm's `KVCache` (it trims exactly). Sliding-window layers
+use `SlidingKVCache`: a linear buffer that always keeps the last `window + 1 + rollback`
+positions, so a rejected draft tail can be dropped at any context length (mlx-lm's
+`RotatingKVCache` cannot be trimmed once it wraps) while memory stays O(window).
+"""
+
+from typing import List
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+
+
+class SlidingKVCache:
+    """K/V of a sliding-window layer, trimmable by up to `rollback` positions.
+
+    The buffer holds absolute positions `[start, start + used)`. Before new entries are
+    written it keeps at least the last `keep = window + 1 + rollback` positions: the
+    target's queries need `window - 1` earlier keys, the drafter reads the last
+    `window + 1` verified ones, and `rollback` more let a caller drop that many tokens
+    after the write.
+    """
+
+    def __init__(self, window: int, rollback: int, step: int = 64):
+        self.window = window
+        self.keep = window + 1 + rollback
+        self.step = step
+        self.keys = None
+        self.values = None
+        self.offset = 0  # number of positions processed (absolute position of the next)
+        self.start = 0  # absolute position of buffer slot 0
+        self.used = 0  # filled buffer slots
+
+    def _kept_before_write(self, num_new: int) -> int:
+        """Slots that survive before `num_new` entries are written."""
+        if self.keys is None:
+            return 0
+        if self.used + num_new <= self.keys.shape[2]:
+            return self.used
+        return min(self.used, self.keep)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        # keys, values: [B, kv_heads, L, D]
+        num_new = keys.shape[2]
+        kept = self._kept_before_write(num_new)
+        if self.keys is None or kept != self.used:
+            self._reallocate(kept, keys, values)
+        self.keys[..., self.used : self.used + num_new, :] = keys
+        self.values[..., self.used : self.used + num_new, :] = values
+        self.used += num_new
+        self.offset += num_new
+        return self.keys[..., : self.used, :], self.values[..., : self.used, :]
+
+    def _reallocate(self, kept: int, keys: mx.array, values: mx.array):
+        num_new = keys.shape[2]
+        capacity = self.keep + max(num_new, self.step)
+        B, heads, _, k_dim = keys.shape
+        new_keys = mx.zeros((B, heads, capacity, k_dim), keys.dtype)
+        new_values = mx.zeros((B, heads, capacity, values.shape[3]), values.dtype)
+        if kept:
+            new_keys[..., :kept, :] = self.keys[..., self.used - kept : self.used, :]
+            new_values[..., :kept, :] = self.values[..., self.used - kept : self.used, :]
+        self.keys, self.values = new_keys, new_values
+        self.start = self.offset - kept
+        self.used = kept
+
+    def make_mask(self, N: int, window_size=None, return_array: bool = False):
+        """Causal sliding-window mask for `N` new queries over the keys the next write returns."""
+        window = window_size or self.window
+        kept = self._kept_before_write(N)
+        query_pos = mx.arange(self.offset, self.offset + N)[:, None]
+        key_pos = mx.arange(self.offset - kept, self.offset + N)[None]
+        return (key_pos <= query_pos) & (query_pos - key_pos < window)
+
+    def last(self, n: int):
+        """Views of the newest `n` entries (fewer if fewer exist): [B, kv_heads, <=n, D]."""
+        first = max(0, self.used - n)
+        return self.keys[..., first : self.used, :], self.values[..., first : self.used, :]
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(n, self.used)
+        # After trimming, the last `window + 1` positions must still be in the buffer.
+        if self.start > max(0, self.offset - n - self.window - 1):
+            raise RuntimeError(
+                f"cannot roll the sliding cache back by {n} positions: only "
+                f"{self.keep - self.window - 1} were reserved when it was made"
+            )
+        self.used -= n
+        self.offset -= n
+        return n
+
+    def size(self) -> int:
+        return self.offset
+
+    @property
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return self.keys.nbytes + self.values.nbytes
+
+    @property
+    def state(self):
+        return self.keys, self.values
+
+    @property
+    def meta_state(self):
+        return tuple(map(str, (self.window, self.keep, self.step, self.offset, self.start, self.used)))
+
+
+def make_target_cache(args, max_draft: int) -> List:
+    """One cache per K/V-computing layer of a mlx-lm `gemma4_text` model.
+
+    `args` is the text model's `ModelArgs`; `max_draft` bounds how many tokens a caller
+    may roll back after one write (a verify pass of `max_draft + 1` tokens, plus the
+    tokens emitted past a stop).
+    """
+    num_kv_layers = args.num_hidden_layers - args.num_kv_shared_layers
+    rollback = 2 * (max_draft + 1)
+    return [
+        SlidingKVCache(args.sliding_window, rollback)
+        if args.layer_types[i] == "sliding_attention"
+        else KVCache()
+        for i in range(num_kv_layers)
+    ]
+
+
+def rollback_cache(cache: List, offset: int) -> None:
+    """Drop every cached position at or after `offset`."""
+    for c in cache:
+        if c.offset > offset:
+            c.trim(c.offset - offset)

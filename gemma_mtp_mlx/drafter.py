@@ -1,0 +1,240 @@
+"""The MTP drafter: Google's `gemma4_assistant` checkpoints on MLX.
+
+A few Gemma 4 decoder layers (mlx-lm's own `DecoderLayer`, built with every layer
+K/V-shared) that read the target's K/V instead of computing their own. One draft step
+takes the newest token and the target hidden state that produced it, at a fixed position
+P, and returns the next token's logits and a projected hidden state for the next step.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import gemma4_text
+
+from .checkpoint import (
+    CheckpointError,
+    head_dim,
+    kv_heads,
+    load_safetensors,
+    published_text_config,
+    quantization,
+    read_config,
+    resolve_path,
+)
+
+DEFAULT_NUM_DRAFT_TOKENS = 4
+
+# backbone hidden size -> the published pair, for error messages
+KNOWN_PAIRS = {
+    1536: "google/gemma-4-E2B-it with google/gemma-4-E2B-it-assistant",
+    2560: "google/gemma-4-E4B-it with google/gemma-4-E4B-it-assistant",
+    2816: "google/gemma-4-26B-A4B-it with google/gemma-4-26B-A4B-it-assistant",
+    5376: "google/gemma-4-31B-it with google/gemma-4-31B-it-assistant",
+}
+
+
+@dataclass
+class DrafterArgs:
+    text: gemma4_text.ModelArgs
+    backbone_hidden_size: int
+    use_ordered_embeddings: bool = False
+    num_centroids: int = 2048
+    centroid_intermediate_top_k: int = 32
+    num_assistant_tokens: Optional[int] = None
+
+    @classmethod
+    def from_config(cls, config: Dict, generation_config: Optional[Dict] = None):
+        text = published_text_config(config.get("text_config") or {})
+        text["num_kv_shared_layers"] = text.get("num_hidden_layers", 4)
+        text.setdefault("hidden_size_per_layer_input", 0)
+        text.setdefault("use_double_wide_mlp", False)
+        text.setdefault("final_logit_softcapping", None)
+        return cls(
+            text=gemma4_text.ModelArgs.from_dict(text),
+            backbone_hidden_size=config.get("backbone_hidden_size", 1536),
+            use_ordered_embeddings=config.get("use_ordered_embeddings", False),
+            num_centroids=config.get("num_centroids", 2048),
+            centroid_intermediate_top_k=config.get("centroid_intermediate_top_k", 32),
+            num_assistant_tokens=(generation_config or {}).get("num_assistant_tokens"),
+        )
+
+
+class CentroidHead(nn.Module):
+    """Scores only the tokens of the top-k centroids (E2B/E4B drafters).
+
+    `token_ordering` lists token ids cluster by cluster: centroid c owns the contiguous
+    block `token_ordering[c * per : (c + 1) * per]`, `per = vocab / num_centroids`.
+    """
+
+    def __init__(self, args: DrafterArgs):
+        super().__init__()
+        vocab = args.text.vocab_size
+        self.top_k = args.centroid_intermediate_top_k
+        self.num_centroids = args.num_centroids
+        self.per_centroid = vocab // args.num_centroids
+        self.centroids = nn.Linear(args.text.hidden_size, args.num_centroids, bias=False)
+        self.token_ordering = mx.zeros((vocab,), dtype=mx.int32)
+
+    def candidates(self, x: mx.array, embedding: nn.Module) -> Tuple[mx.array, mx.array]:
+        """x [1, 1, H] -> (candidate ids [top_k * per], their logits [top_k * per])."""
+        centroid_logits = self.centroids(x).reshape(-1)  # [num_centroids]
+        top = mx.argpartition(-centroid_logits, kth=self.top_k - 1)[: self.top_k]
+        ordering = self.token_ordering.reshape(self.num_centroids, self.per_centroid)
+        ids = ordering[top].reshape(-1)
+        rows = embedding(ids)  # [top_k * per, H]; works for quantized embeddings too
+        return ids, rows @ x.reshape(-1)
+
+
+class DrafterModel(nn.Module):
+    def __init__(self, args: gemma4_text.ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [gemma4_text.DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+
+class Drafter(nn.Module):
+    def __init__(self, args: DrafterArgs):
+        super().__init__()
+        self.args = args
+        hidden, backbone = args.text.hidden_size, args.backbone_hidden_size
+        self.model = DrafterModel(args.text)
+        self.pre_projection = nn.Linear(2 * backbone, hidden, bias=False)
+        self.post_projection = nn.Linear(hidden, backbone, bias=False)
+        if args.use_ordered_embeddings:
+            self.masked_embedding = CentroidHead(args)
+
+    @property
+    def default_num_draft_tokens(self) -> int:
+        return self.args.num_assistant_tokens or DEFAULT_NUM_DRAFT_TOKENS
+
+    def step(
+        self,
+        token_embedding: mx.array,
+        hidden: mx.array,
+        position: int,
+        shared_kv: Dict[str, Tuple[mx.array, mx.array]],
+    ) -> Tuple[mx.array, mx.array]:
+        """One draft step at `position`.
+
+        token_embedding, hidden: [1, 1, backbone] (the target's scaled embedding of the
+        newest token, and the hidden state that produced it).
+        Returns (final-norm drafter state [1, 1, H], projected hidden [1, 1, backbone]).
+        """
+        x = self.pre_projection(mx.concatenate([token_embedding, hidden], axis=-1))
+        for layer in self.model.layers:
+            x, _, _ = layer(x, shared_kv=shared_kv[layer.layer_type], offset=position)
+        x = self.model.norm(x)
+        return x, self.post_projection(x)
+
+    def _softcap(self, logits: mx.array) -> mx.array:
+        cap = self.args.text.final_logit_softcapping
+        return logits if cap is None else gemma4_text.logit_softcap(cap, logits)
+
+    def logits(self, x: mx.array) -> mx.array:
+        """Full-vocabulary logits [vocab] of a step state; -inf outside the centroid candidates."""
+        if not self.args.use_ordered_embeddings:
+            return self._softcap(self.model.embed_tokens.as_linear(x).reshape(-1))
+        ids, scores = self.masked_embedding.candidates(x, self.model.embed_tokens)
+        full = mx.full((self.args.text.vocab_size,), -mx.inf, dtype=scores.dtype)
+        full[ids] = self._softcap(scores)
+        return full
+
+    def greedy_token(self, x: mx.array) -> mx.array:
+        """The most likely next token of a step state, as [1] int."""
+        if not self.args.use_ordered_embeddings:
+            return mx.argmax(self.model.embed_tokens.as_linear(x).reshape(-1), keepdims=True)
+        ids, scores = self.masked_embedding.candidates(x, self.model.embed_tokens)
+        return ids[mx.argmax(scores, keepdims=True)]
+
+    def draft(
+        self,
+        embed: Callable[[mx.array], mx.array],
+        token: mx.array,
+        hidden: mx.array,
+        position: int,
+        shared_kv: Dict[str, Tuple[mx.array, mx.array]],
+        num_tokens: int,
+    ) -> mx.array:
+        """Greedily draft `num_tokens` tokens after `token` (at `position`): [num_tokens].
+
+        Builds one lazy graph: nothing here waits for the device.
+        """
+        drafts = []
+        for _ in range(num_tokens):
+            x, hidden = self.step(embed(token)[None], hidden, position, shared_kv)
+            token = self.greedy_token(x)
+            drafts.append(token)
+        return mx.concatenate(drafts)
+
+    def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+        weights = {
+            k: v
+            for k, v in weights.items()
+            if not k.startswith("lm_head.") and "rotary_emb" not in k
+        }
+        key = "masked_embedding.token_ordering"
+        if key in weights:
+            weights[key] = weights[key].astype(mx.int32)
+        return weights
+
+
+def load_drafter(path_or_repo) -> Drafter:
+    """Load a `gemma4_assistant` drafter (HF layout, or one this package converted)."""
+    path = resolve_path(str(path_or_repo))
+    config = read_config(path)
+    if config.get("model_type") != "gemma4_assistant":
+        raise CheckpointError(
+            f"{path} holds a {config.get('model_type')!r} model, not a gemma4_assistant drafter; "
+            "pass the matching '-assistant' checkpoint as the draft model"
+        )
+    generation_file = path / "generation_config.json"
+    generation = json.loads(generation_file.read_text()) if generation_file.is_file() else None
+    drafter = Drafter(DrafterArgs.from_config(config, generation))
+    weights = drafter.sanitize(load_safetensors(path))
+    quant = quantization(config)
+    if quant:
+        nn.quantize(
+            drafter,
+            group_size=quant["group_size"],
+            bits=quant["bits"],
+            class_predicate=lambda p, m: f"{p}.scales" in weights,
+        )
+    try:
+        drafter.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: the drafter weights do not match its config.json ({e})") from e
+    mx.eval(drafter.parameters())
+    drafter.eval()
+    return drafter
+
+
+def check_pair(target, drafter: Drafter) -> None:
+    """Raise a CheckpointError naming both values if the drafter cannot draft for the target."""
+    t, d = target.args, drafter.args.text
+    hint = KNOWN_PAIRS.get(t.hidden_size)
+    pairing = f": pair {hint}" if hint else ": use the assistant published with this target"
+
+    def mismatch(what: str, drafter_value, target_value):
+        return CheckpointError(
+            f"drafter expects {what} {drafter_value}, the target has {target_value}{pairing}"
+        )
+
+    if drafter.args.backbone_hidden_size != t.hidden_size:
+        raise mismatch("backbone_hidden_size", drafter.args.backbone_hidden_size, t.hidden_size)
+    if d.vocab_size != t.vocab_size:
+        raise mismatch("vocab_size", d.vocab_size, t.vocab_size)
+    for layer_type in sorted(set(d.layer_types)):
+        if layer_type not in target.producers:
+            raise mismatch("a K/V-producing layer of type", layer_type, "none")
+        name = layer_type.replace("_attention", "")
+        if head_dim(d, layer_type) != head_dim(t, layer_type):
+            raise mismatch(f"{name} head_dim", head_dim(d, layer_type), head_dim(t, layer_type))
+        if kv_heads(d, layer_type) != kv_heads(t, layer_type):
+            raise mismatch(
+                f"{name} key/value heads", kv_heads(d, layer_type), kv_heads(t, layer_type)
+            )

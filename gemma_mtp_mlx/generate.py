@@ -1,0 +1,206 @@
+"""The Python API: `load`, `stream_generate`, `generate`, shaped like mlx-lm's."""
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Generator, List, Optional, Union
+
+import mlx.core as mx
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .cache import rollback_cache
+from .checkpoint import resolve_path
+from .drafter import Drafter, check_pair, load_drafter
+from .speculative import generate_rounds
+from .target import Target, load_target
+
+
+@dataclass
+class SpeculativeStats:
+    """Counts over the rounds whose tokens were handed out."""
+
+    num_draft_tokens: int = 0
+    rounds: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    fallback_rounds: int = 0  # rounds where no draft was accepted
+    accepted_by_position: List[int] = field(default_factory=list)
+    drafted_by_position: List[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    peak_memory_gb: float = 0.0
+    rounds_log: Optional[List[dict]] = None
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per round: accepted drafts per round + 1."""
+        return self.accepted_tokens / self.rounds + 1 if self.rounds else 0.0
+
+    @property
+    def acceptance_by_position(self) -> List[float]:
+        """Fraction of rounds drafting position i whose draft i was accepted."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position)]
+
+    @property
+    def rejection_rate(self) -> float:
+        drafted = self.drafted_tokens
+        return (drafted - self.accepted_tokens) / drafted if drafted else 0.0
+
+    @property
+    def fallback_rate(self) -> float:
+        return self.fallback_rounds / self.rounds if self.rounds else 0.0
+
+    def count(self, drafted: List[int], accepted: int) -> None:
+        self.rounds += 1
+        self.drafted_tokens += len(drafted)
+        self.accepted_tokens += accepted
+        self.fallback_rounds += bool(drafted) and accepted == 0
+        for i in range(len(drafted)):
+            self.drafted_by_position[i] += 1
+            self.accepted_by_position[i] += i < accepted
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["rounds_log"] is None:
+            del d["rounds_log"]
+        for name in ("mean_accepted_length", "acceptance_by_position", "rejection_rate", "fallback_rate"):
+            d[name] = getattr(self, name)
+        return d
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # the new text segment
+    token: int
+    from_draft: bool
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: Optional[str] = None  # "stop" (EOS) or "length" on the last response
+    stats: Optional[SpeculativeStats] = None  # on the last response
+
+
+def load(path_or_repo: str, draft_model: Optional[str] = None):
+    """Load a target (and optionally its drafter): (model, tokenizer, draft_model or None)."""
+    target, tokenizer = load_target(resolve_path(str(path_or_repo)))
+    drafter = None
+    if draft_model is not None:
+        drafter = load_drafter(draft_model)
+        check_pair(target, drafter)
+    return target, tokenizer, drafter
+
+
+def make_prompt_cache(model, num_draft_tokens: int = 16) -> List:
+    """A cache to carry across calls (chat turns); rolls back up to `num_draft_tokens`."""
+    return _as_target(model).make_cache(num_draft_tokens)
+
+
+def _as_target(model) -> Target:
+    return model if isinstance(model, Target) else Target(model)
+
+
+def _encode(tokenizer: TokenizerWrapper, prompt: Union[str, List[int], mx.array]) -> mx.array:
+    if isinstance(prompt, str):
+        bos = tokenizer.bos_token
+        prompt = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+    prompt = mx.array(prompt).reshape(-1)
+    if prompt.size == 0:
+        raise ValueError("the prompt is empty: give at least one token or some text")
+    return prompt
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: Union[str, List[int], mx.array],
+    *,
+    draft_model: Optional[Drafter] = None,
+    max_tokens: int = 256,
+    num_draft_tokens: Optional[int] = None,
+    prompt_cache: Optional[List] = None,
+    prefill_step_size: int = 512,
+    record_rounds: bool = False,
+) -> Generator[GenerationResponse, None, None]:
+    """Generate from `prompt`, one response per token.
+
+    With `draft_model` the target verifies the drafter's proposals (output identical to
+    the target alone); without it this is plain target decoding through the same loop.
+    `prompt_cache` (from `make_prompt_cache`) keeps K/V across calls: pass only the new
+    tokens then.
+    """
+    target = _as_target(model)
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    if draft_model is None:
+        k = 0
+    else:
+        check_pair(target, draft_model)
+        k = draft_model.default_num_draft_tokens if num_draft_tokens is None else num_draft_tokens
+        if k < 1:
+            raise ValueError(f"num_draft_tokens must be at least 1, got {k}")
+    prompt = _encode(tokenizer, prompt)
+    cache = prompt_cache if prompt_cache is not None else target.make_cache(k)
+    start_offset = cache[0].offset if cache else 0
+
+    stats = SpeculativeStats(
+        num_draft_tokens=k,
+        accepted_by_position=[0] * k,
+        drafted_by_position=[0] * k,
+        prompt_tokens=prompt.size,
+        rounds_log=[] if record_rounds else None,
+    )
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    eos = set(tokenizer.eos_token_ids)
+    rounds = generate_rounds(prompt, target, cache, draft_model, k, prefill_step_size)
+    tic = time.perf_counter()
+    n = 0
+    try:
+        for round_ in rounds:
+            if n == 0:
+                stats.prompt_tps = prompt.size / (time.perf_counter() - tic)
+                tic = time.perf_counter()
+            stats.count(round_.drafted, round_.accepted)
+            if record_rounds:
+                stats.rounds_log.append(
+                    dict(position=round_.position, drafted=round_.drafted, accepted=round_.accepted, emitted=round_.emitted)
+                )
+            for i, token in enumerate(round_.emitted):
+                n += 1
+                finish = "stop" if token in eos else "length" if n == max_tokens else None
+                if token not in eos:
+                    detokenizer.add_token(token)
+                if finish:
+                    detokenizer.finalize()
+                    stats.generation_tokens = n
+                    stats.generation_tps = n / (time.perf_counter() - tic)
+                    stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+                yield GenerationResponse(
+                    text=detokenizer.last_segment,
+                    token=token,
+                    from_draft=i < round_.accepted,
+                    prompt_tokens=prompt.size,
+                    prompt_tps=stats.prompt_tps,
+                    generation_tokens=n,
+                    generation_tps=n / (time.perf_counter() - tic),
+                    peak_memory=mx.get_peak_memory() / 1e9,
+                    finish_reason=finish,
+                    stats=stats if finish else None,
+                )
+                if finish:
+                    return
+    finally:
+        rounds.close()
+        # Keep K/V for every token handed out except the newest, as mlx-lm does.
+        rollback_cache(cache, start_offset + prompt.size + max(n - 1, 0))
+
+
+def generate(model, tokenizer, prompt, **kwargs) -> str:
+    """`stream_generate` collected into one string."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
