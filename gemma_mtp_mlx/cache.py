@@ -32,20 +32,18 @@ class SlidingKVCache:
         self.start = 0  # absolute position of buffer slot 0
         self.used = 0  # filled buffer slots
 
+    def _needs_room(self, num_new: int) -> bool:
+        return self.keys is None or self.used + num_new > self.keys.shape[2]
+
     def _kept_before_write(self, num_new: int) -> int:
         """Slots that survive before `num_new` entries are written."""
-        if self.keys is None:
-            return 0
-        if self.used + num_new <= self.keys.shape[2]:
-            return self.used
-        return min(self.used, self.keep)
+        return min(self.used, self.keep) if self._needs_room(num_new) else self.used
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         # keys, values: [B, kv_heads, L, D]
         num_new = keys.shape[2]
-        kept = self._kept_before_write(num_new)
-        if self.keys is None or kept != self.used:
-            self._reallocate(kept, keys, values)
+        if self._needs_room(num_new):
+            self._reallocate(self._kept_before_write(num_new), keys, values)
         self.keys[..., self.used : self.used + num_new, :] = keys
         self.values[..., self.used : self.used + num_new, :] = values
         self.used += num_new

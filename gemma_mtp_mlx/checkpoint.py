@@ -22,8 +22,10 @@ def resolve_path(path_or_repo: str) -> Path:
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or str(path_or_repo).startswith((".", "/", "~")):
-        raise CheckpointError(f"{path_or_repo} is not a model directory")
+    if path.exists():
+        raise CheckpointError(f"{path_or_repo} is a file, not a model directory")
+    if str(path_or_repo).startswith((".", "/", "~")):
+        raise CheckpointError(f"{path_or_repo} does not exist: give a model directory or a Hub repo id")
     from huggingface_hub import snapshot_download
 
     try:

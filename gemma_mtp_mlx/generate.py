@@ -105,11 +105,13 @@ def _as_target(model) -> Target:
 
 def _encode(tokenizer: TokenizerWrapper, prompt: Union[str, List[int], mx.array]) -> mx.array:
     if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("the prompt is empty: give some text or at least one token")
         bos = tokenizer.bos_token
         prompt = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
     prompt = mx.array(prompt).reshape(-1)
     if prompt.size == 0:
-        raise ValueError("the prompt is empty: give at least one token or some text")
+        raise ValueError("the prompt is empty: give some text or at least one token")
     return prompt
 
 
@@ -140,7 +142,8 @@ def stream_generate(
     if draft_model is None:
         k = 0
     else:
-        check_pair(target, draft_model)
+        if isinstance(draft_model, Drafter):  # test doubles only need a `draft` method
+            check_pair(target, draft_model)
         k = draft_model.default_num_draft_tokens if num_draft_tokens is None else num_draft_tokens
         if k < 1:
             raise ValueError(f"num_draft_tokens must be at least 1, got {k}")
@@ -166,7 +169,8 @@ def stream_generate(
             if n == 0:
                 stats.prompt_tps = prompt.size / (time.perf_counter() - tic)
                 tic = time.perf_counter()
-            stats.count(round_.drafted, round_.accepted)
+            if not round_.from_prefill:
+                stats.count(round_.drafted, round_.accepted)
             if record_rounds:
                 stats.rounds_log.append(
                     dict(position=round_.position, drafted=round_.drafted, accepted=round_.accepted, emitted=round_.emitted)

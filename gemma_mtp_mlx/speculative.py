@@ -22,6 +22,7 @@ class Round:
     drafted: List[int]
     accepted: int  # leading drafts the target kept
     emitted: List[int]  # accepted drafts + one target token
+    from_prefill: bool = False  # the first token, sampled from the prompt's last logits
 
 
 def prefill(target: Target, prompt: mx.array, cache: List, step_size: int = 512):
@@ -54,6 +55,8 @@ def generate_rounds(
 ) -> Generator[Round, None, None]:
     """Yield rounds forever (the caller stops). Greedy drafting and greedy verification.
 
+    The first round carries only the token chosen from the prompt's last logits.
+
     The cache is left holding exactly the verified positions before the newest token of
     the last round that was handed out.
     """
@@ -76,6 +79,7 @@ def generate_rounds(
 
     pending = schedule(token, hidden, position)
     try:
+        yield Round(position - 1, [], 0, token.tolist(), from_prefill=True)
         while True:
             drafts, accepted, choices, hiddens = pending
             pending = None

@@ -1,0 +1,148 @@
+"""API behaviour: stops, stats, prompt forms, prompt cache reuse, and clear errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from gemma_mtp_mlx import generate, load, load_drafter, make_prompt_cache, stream_generate
+from gemma_mtp_mlx.checkpoint import CheckpointError
+from gemma_mtp_mlx.drafter import check_pair
+
+
+def test_max_tokens_stops_exactly_and_last_response_carries_stats(mlx_pairs):
+    target, tokenizer, drafter = mlx_pairs["e2b"]
+    for max_tokens in (1, 2, 7):
+        responses = list(stream_generate(target, tokenizer, [5, 6, 7], draft_model=drafter,
+                                         num_draft_tokens=4, max_tokens=max_tokens))
+        assert len(responses) <= max_tokens
+        assert [r.finish_reason for r in responses[:-1]] == [None] * (len(responses) - 1)
+        last = responses[-1]
+        assert last.finish_reason in ("length", "stop")
+        stats = last.stats
+        assert stats.generation_tokens == len(responses)
+        assert stats.drafted_tokens == 4 * stats.rounds
+        if max_tokens > 1:  # the first token comes from the prompt's logits, not a round
+            assert stats.rounds >= 1
+            assert stats.mean_accepted_length == stats.accepted_tokens / stats.rounds + 1
+        assert len(stats.acceptance_by_position) == 4
+        assert stats.generation_tps > 0 and stats.peak_memory_gb > 0
+        assert json.dumps(stats.to_dict())
+
+
+def test_eos_stops_generation_exactly_in_plain_and_speculative_mode(mlx_pairs):
+    target, tokenizer, drafter = mlx_pairs["e2b"]
+    prompt = list(range(40, 60))
+    plain = [r.token for r in stream_generate(target, tokenizer, prompt, max_tokens=60)]
+    stop_at = 30
+    eos = plain[stop_at]
+    stop_at = plain.index(eos)  # its first occurrence
+    saved = tokenizer.eos_token_ids
+    tokenizer.eos_token_ids = {eos}  # random weights rarely emit the real EOS
+    try:
+        for draft in (None, drafter):
+            for k in (1, 3, 8):
+                responses = list(stream_generate(target, tokenizer, prompt, draft_model=draft,
+                                                 num_draft_tokens=k, max_tokens=60))
+                assert [r.token for r in responses] == plain[: stop_at + 1]
+                assert responses[-1].finish_reason == "stop"
+                assert responses[-1].text == ""  # EOS is not detokenized
+    finally:
+        tokenizer.eos_token_ids = saved
+
+
+def test_string_prompt_and_generate_text(mlx_pairs):
+    target, tokenizer, drafter = mlx_pairs["e2b"]
+    text = generate(target, tokenizer, "hello world", draft_model=drafter, max_tokens=20)
+    plain = generate(target, tokenizer, "hello world", max_tokens=20)
+    assert isinstance(text, str) and text == plain
+
+
+def test_prompt_cache_reuse_prefills_only_new_tokens_and_stays_exact(mlx_pairs):
+    target, tokenizer, drafter = mlx_pairs["dense"]
+    first, second = list(range(3, 40)), list(range(50, 70))
+    cache = make_prompt_cache(target)
+    out1 = [r.token for r in stream_generate(target, tokenizer, first, draft_model=drafter,
+                                             max_tokens=30, prompt_cache=cache)]
+    assert cache[0].offset == len(first) + len(out1) - 1
+    out2 = [r.token for r in stream_generate(target, tokenizer, [out1[-1]] + second, draft_model=drafter,
+                                             max_tokens=30, prompt_cache=cache)]
+    whole = first + out1 + second
+    assert out2 == [r.token for r in stream_generate(target, tokenizer, whole, max_tokens=30)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompt=[]), "prompt is empty"),
+        (dict(prompt=""), "prompt is empty"),
+        (dict(max_tokens=0), "max_tokens must be at least 1"),
+        (dict(max_tokens=-3), "max_tokens must be at least 1"),
+        (dict(num_draft_tokens=0), "num_draft_tokens must be at least 1"),
+    ],
+)
+def test_bad_generation_arguments_are_clear_errors(kwargs, message, mlx_pairs):
+    target, tokenizer, drafter = mlx_pairs["e2b"]
+    args = dict(prompt=[5, 6], draft_model=drafter) | kwargs
+    with pytest.raises(ValueError, match=message):
+        list(stream_generate(target, tokenizer, **args))
+
+
+def test_mismatched_pair_names_both_values(pairs):
+    e2b_target, _ = pairs["e2b"]
+    _, dense_assistant = pairs["dense"]
+    with pytest.raises(CheckpointError, match="sliding key/value heads 2, the target has 1"):
+        load(e2b_target, draft_model=dense_assistant)
+
+
+def test_wrong_backbone_size_suggests_the_published_pair(pairs):
+    target_path, assistant_path = pairs["e2b"]
+    target, _, _ = load(target_path)  # fresh copies: their args are edited below
+    drafter = load_drafter(assistant_path)
+    target.args.hidden_size = 2560  # an E4B-sized target
+    drafter.args.backbone_hidden_size = 1536  # an E2B drafter
+    with pytest.raises(
+        CheckpointError,
+        match="drafter expects backbone_hidden_size 1536, the target has 2560: "
+        "pair google/gemma-4-E4B-it with google/gemma-4-E4B-it-assistant",
+    ):
+        check_pair(target, drafter)
+
+
+def test_weights_that_do_not_fit_the_config_are_a_clear_error(pairs, tmp_path):
+    _, assistant_path = pairs["e2b"]
+    bad = tmp_path / "assistant"
+    shutil.copytree(assistant_path, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["backbone_hidden_size"] = 1536
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="drafter weights do not match its config.json"):
+        load_drafter(bad)
+
+
+def test_missing_config_and_weights_are_clear_errors(pairs, tmp_path):
+    target_path, assistant_path = pairs["e2b"]
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load(tmp_path)
+    no_weights = tmp_path / "assistant"
+    no_weights.mkdir()
+    shutil.copy(assistant_path / "config.json", no_weights)
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        load_drafter(no_weights)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load(tmp_path / "does-not-exist")
+
+
+def test_truncated_weights_and_wrong_model_type_are_clear_errors(pairs, tmp_path):
+    target_path, assistant_path = pairs["e2b"]
+    truncated = tmp_path / "truncated"
+    shutil.copytree(assistant_path, truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_drafter(truncated)
+    with pytest.raises(CheckpointError, match="not a gemma4_assistant drafter"):
+        load_drafter(target_path)
+    with pytest.raises(CheckpointError, match="pass it as draft_model"):
+        load(assistant_path)

@@ -1,0 +1,36 @@
+"""Greedy speculative output is token-identical to the target alone (ours and transformers')."""
+
+import numpy as np
+import pytest
+
+from conftest import PAIRS
+from hf_reference import hf_greedy
+from gemma_mtp_mlx import stream_generate
+
+WINDOW = 16
+MAX_TOKENS = 3 * WINDOW + 12  # generate past 3x the sliding window
+EOS = 1
+
+
+def prompts(count=20):
+    rng = np.random.default_rng(7)
+    return [rng.integers(3, 256, size=int(rng.integers(1, 2 * WINDOW))).tolist() for _ in range(count)]
+
+
+def tokens(responses):
+    return [r.token for r in responses]
+
+
+@pytest.mark.parametrize("pair", list(PAIRS))
+def test_greedy_speculative_equals_target_alone_past_window(pair, mlx_pairs, hf_targets):
+    target, tokenizer, drafter = mlx_pairs[pair]
+    hf_target = hf_targets[PAIRS[pair][0]]
+    for prompt in prompts():
+        reference = hf_greedy(hf_target, prompt, MAX_TOKENS, eos_token_id=EOS)
+        plain = tokens(stream_generate(target, tokenizer, prompt, max_tokens=MAX_TOKENS))
+        assert plain == reference
+        for k in (1, 2, 4, 8):
+            out = stream_generate(
+                target, tokenizer, prompt, draft_model=drafter, num_draft_tokens=k, max_tokens=MAX_TOKENS
+            )
+            assert tokens(out) == reference, f"k={k} prompt={prompt}"
