@@ -159,17 +159,25 @@ class Drafter(nn.Module):
         position: int,
         shared_kv: Dict[str, Tuple[mx.array, mx.array]],
         num_tokens: int,
-    ) -> mx.array:
-        """Greedily draft `num_tokens` tokens after `token` (at `position`): [num_tokens].
+        sample: Optional[Callable] = None,
+    ) -> Tuple[mx.array, Optional[mx.array]]:
+        """Draft `num_tokens` tokens after `token` (at `position`).
 
+        `sample(input_token, logits [1, vocab]) -> (token [1], log q [1, vocab])` draws each
+        draft from the drafter's processed distribution; without it drafting is greedy.
+        Returns (drafts [num_tokens], log q [num_tokens, vocab] or None when greedy).
         Builds one lazy graph: nothing here waits for the device.
         """
-        drafts = []
+        drafts, draft_logprobs = [], []
         for _ in range(num_tokens):
-            x, hidden = self.step(embed(token)[None], hidden, position, shared_kv)
-            token = self.greedy_token(x)
+            state, hidden = self.step(embed(token)[None], hidden, position, shared_kv)
+            if sample is None:
+                token = self.greedy_token(state)
+            else:
+                token, logq = sample(token, self.logits(state)[None])
+                draft_logprobs.append(logq)
             drafts.append(token)
-        return mx.concatenate(drafts)
+        return mx.concatenate(drafts), mx.concatenate(draft_logprobs) if draft_logprobs else None
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         weights = {

@@ -3,7 +3,7 @@
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Generator, List, Optional, Union
+from typing import Callable, Generator, List, Optional, Union
 
 import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -11,6 +11,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .cache import rollback_cache
 from .checkpoint import resolve_path
 from .drafter import Drafter, check_pair, load_drafter
+from .sampling import Sampling
 from .speculative import generate_rounds
 from .target import Target, load_target
 
@@ -74,6 +75,7 @@ class SpeculativeStats:
 class GenerationResponse:
     text: str  # the new text segment
     token: int
+    logprob: float  # the token's log-probability under the target's processed distribution
     from_draft: bool
     prompt_tokens: int
     prompt_tps: float
@@ -126,13 +128,24 @@ def stream_generate(
     prompt_cache: Optional[List] = None,
     prefill_step_size: int = 512,
     record_rounds: bool = False,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    min_tokens_to_keep: int = 1,
+    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    logits_processors: Optional[List[Callable]] = None,
+    draft_mode: str = "sampled",
+    seed: Optional[int] = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from `prompt`, one response per token.
 
     With `draft_model` the target verifies the drafter's proposals (output identical to
     the target alone); without it this is plain target decoding through the same loop.
     `prompt_cache` (from `make_prompt_cache`) keeps K/V across calls: pass only the new
-    tokens then.
+    tokens then. Sampling options are mlx-lm's (`temp=0` is greedy); speculative sampling
+    keeps the target's distribution exactly. `draft_mode` is "sampled" (drafts drawn from
+    the drafter's distribution) or "greedy" (its argmax). `seed` makes a run reproducible.
     """
     target = _as_target(model)
     if not isinstance(tokenizer, TokenizerWrapper):
@@ -147,7 +160,11 @@ def stream_generate(
         k = draft_model.default_num_draft_tokens if num_draft_tokens is None else num_draft_tokens
         if k < 1:
             raise ValueError(f"num_draft_tokens must be at least 1, got {k}")
+    sampling = Sampling(temp, top_p, top_k, min_p, min_tokens_to_keep, sampler,
+                        list(logits_processors or []), draft_mode)
     prompt = _encode(tokenizer, prompt)
+    if seed is not None:
+        mx.random.seed(seed)
     cache = prompt_cache if prompt_cache is not None else target.make_cache(k)
     start_offset = cache[0].offset if cache else 0
 
@@ -161,7 +178,7 @@ def stream_generate(
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
     eos = set(tokenizer.eos_token_ids)
-    rounds = generate_rounds(prompt, target, cache, draft_model, k, prefill_step_size)
+    rounds = generate_rounds(prompt, target, cache, sampling, draft_model, k, prefill_step_size)
     tic = time.perf_counter()
     n = 0
     try:
@@ -175,7 +192,7 @@ def stream_generate(
                 stats.rounds_log.append(
                     dict(position=round_.position, drafted=round_.drafted, accepted=round_.accepted, emitted=round_.emitted)
                 )
-            for i, token in enumerate(round_.emitted):
+            for i, (token, logprob) in enumerate(zip(round_.emitted, round_.logprobs)):
                 n += 1
                 finish = "stop" if token in eos else "length" if n == max_tokens else None
                 if token not in eos:
@@ -188,6 +205,7 @@ def stream_generate(
                 yield GenerationResponse(
                     text=detokenizer.last_segment,
                     token=token,
+                    logprob=logprob,
                     from_draft=i < round_.accepted,
                     prompt_tokens=prompt.size,
                     prompt_tps=stats.prompt_tps,

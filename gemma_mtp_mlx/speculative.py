@@ -6,11 +6,12 @@ detokenising and streaming overlap with the device's work.
 """
 
 from dataclasses import dataclass
-from typing import Generator, List, Optional, Sequence
+from typing import Generator, List
 
 import mlx.core as mx
 
 from .cache import rollback_cache
+from .sampling import Sampling
 from .target import Target
 
 
@@ -22,74 +23,89 @@ class Round:
     drafted: List[int]
     accepted: int  # leading drafts the target kept
     emitted: List[int]  # accepted drafts + one target token
-    from_prefill: bool = False  # the first token, sampled from the prompt's last logits
+    logprobs: List[float]  # each emitted token's log-probability under the target
+    from_prefill: bool = False  # the first token, chosen from the prompt's last logits
 
 
 def prefill(target: Target, prompt: mx.array, cache: List, step_size: int = 512):
     """Run the prompt through the target in chunks of `step_size`; return the last
-    position's (logits [vocab], hidden [1, 1, hidden])."""
+    position's (logits [1, vocab], hidden [1, 1, hidden])."""
     start = 0
     while prompt.size - start > step_size:
         target(prompt[None, start : start + step_size], cache)
         mx.eval([(c.keys, c.values) for c in cache])
         start += step_size
     logits, hidden = target(prompt[None, start:], cache)
-    return logits[0, -1], hidden[:, -1:]
-
-
-def greedy_accept(drafts: mx.array, logits: mx.array):
-    """drafts [k], target logits [k + 1, vocab] -> (accepted count [], target tokens [k + 1])."""
-    choices = mx.argmax(logits, axis=-1)
-    matches = drafts == choices[: drafts.size]
-    accepted = mx.cumprod(matches.astype(mx.int32)).sum()
-    return accepted, choices
+    return logits[0, -1:], hidden[:, -1:]
 
 
 def generate_rounds(
     prompt: mx.array,
     target: Target,
     cache: List,
+    sampling: Sampling,
     drafter=None,
     num_draft_tokens: int = 0,
     prefill_step_size: int = 512,
 ) -> Generator[Round, None, None]:
-    """Yield rounds forever (the caller stops). Greedy drafting and greedy verification.
-
-    The first round carries only the token chosen from the prompt's last logits.
+    """Yield rounds until the caller stops. The first round carries only the token chosen
+    from the prompt's last logits.
 
     The cache is left holding exactly the verified positions before the newest token of
     the last round that was handed out.
     """
     k = num_draft_tokens if drafter is not None else 0
+    sampled_drafts = sampling.exact_distribution and sampling.draft_mode == "sampled"
     position = (cache[0].offset if cache else 0) + prompt.size
     logits, hidden = prefill(target, prompt, cache, prefill_step_size)
-    token = mx.argmax(logits, keepdims=True)  # [1]
+    logprobs = sampling.process(prompt[:-1], prompt[-1:], logits)
+    token = sampling.sample(logprobs)  # [1]
+    history = prompt  # every token before `token`
 
-    def schedule(token, hidden, position):
+    def draft_sampler(history):
+        """Draw drafts from the drafter's processed distribution, with their histories."""
+        seen = [history]
+
+        def sample(input_token, logits):
+            logq = sampling.process(mx.concatenate(seen), input_token, logits)
+            seen.append(input_token)
+            return sampling.sample(logq), logq
+
+        return sample
+
+    def schedule(token, hidden, position, history):
+        drafts, draft_logprobs = mx.array([], dtype=mx.uint32), None
         if k:
-            drafts = drafter.draft(
-                target.embed, token, hidden, position, target.drafter_kv(cache), k
+            sample = draft_sampler(history) if sampled_drafts else None
+            drafts, draft_logprobs = drafter.draft(
+                target.embed, token, hidden, position, target.drafter_kv(cache), k, sample
             )
-        else:
-            drafts = mx.array([], dtype=mx.uint32)
-        logits, hiddens = target(mx.concatenate([token, drafts])[None], cache)
-        accepted, choices = greedy_accept(drafts, logits[0])
-        mx.async_eval(drafts, accepted, choices, hiddens)
-        return drafts, accepted, choices, hiddens
+        inputs = mx.concatenate([token, drafts.astype(token.dtype)])
+        logits, hiddens = target(inputs[None], cache)
+        logprobs = sampling.process(history, inputs, logits[0])
+        accepted, choices = sampling.accept(drafts, draft_logprobs, logprobs)
+        draft_lp = mx.take_along_axis(logprobs[:k], drafts[:, None].astype(mx.int32), axis=-1)
+        choice_lp = mx.take_along_axis(logprobs, choices[:, None], axis=-1)
+        pending = (drafts, accepted, choices, hiddens, draft_lp, choice_lp)
+        mx.async_eval(pending)
+        return pending
 
-    pending = schedule(token, hidden, position)
+    first_logprob = mx.take_along_axis(logprobs, token[:, None], axis=-1)
+    pending = schedule(token, hidden, position, history)
     try:
-        yield Round(position - 1, [], 0, token.tolist(), from_prefill=True)
+        yield Round(position - 1, [], 0, token.tolist(), first_logprob.reshape(-1).tolist(), True)
         while True:
-            drafts, accepted, choices, hiddens = pending
+            drafts, accepted, choices, hiddens, draft_lp, choice_lp = pending
             pending = None
             n = accepted.item()
             drafted = drafts.tolist()
             rollback_cache(cache, position + n + 1)
             emitted = drafted[:n] + [choices[n].item()]
-            round_ = Round(position, drafted, n, emitted)
+            logprobs = draft_lp.reshape(-1).tolist()[:n] + [choice_lp[n, 0].item()]
+            round_ = Round(position, drafted, n, emitted, logprobs)
+            history = mx.concatenate([history, token, drafts[:n].astype(token.dtype)])
             token, hidden, position = choices[n : n + 1], hiddens[:, n : n + 1], position + n + 1
-            pending = schedule(token, hidden, position)
+            pending = schedule(token, hidden, position, history)
             yield round_
     finally:
         if pending is not None:  # the caller stopped: drop the round still in flight

@@ -18,9 +18,9 @@ class OracleDrafter:
     def __init__(self, sequence):
         self.sequence = sequence
 
-    def draft(self, embed, token, hidden, position, shared_kv, num_tokens):
+    def draft(self, embed, token, hidden, position, shared_kv, num_tokens, sample=None):
         assert token.item() == self.sequence[position]
-        return mx.array(self.sequence[position + 1 : position + 1 + num_tokens])
+        return mx.array(self.sequence[position + 1 : position + 1 + num_tokens]), None
 
 
 class RandomDrafter:
@@ -30,8 +30,8 @@ class RandomDrafter:
         self.rng = np.random.default_rng(seed)
         self.vocab_size = vocab_size
 
-    def draft(self, embed, token, hidden, position, shared_kv, num_tokens):
-        return mx.array(self.rng.integers(0, self.vocab_size, size=num_tokens))
+    def draft(self, embed, token, hidden, position, shared_kv, num_tokens, sample=None):
+        return mx.array(self.rng.integers(0, self.vocab_size, size=num_tokens)), None
 
 
 def generate_tokens(target, tokenizer, prompt, **kwargs):

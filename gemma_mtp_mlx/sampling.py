@@ -1,0 +1,118 @@
+"""Turning logits into tokens, for plain and speculative decoding alike.
+
+`Sampling` holds the user's options (mlx-lm's names) and produces, for a block of
+positions, the processed target distribution p: logits processors with each position's
+own token history, then top-p / min-p / top-k on the log-probabilities (mlx-lm's order and
+functions), then temperature. Acceptance follows Leviathan et al.: accept draft x with
+probability min(1, p(x) / q(x)); at the first rejection sample normalize(max(0, p - q));
+after k acceptances sample a bonus token from p. Everything stays on the device.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+DRAFT_MODES = ("greedy", "sampled")
+
+
+@dataclass
+class Sampling:
+    temp: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    min_tokens_to_keep: int = 1
+    sampler: Optional[Callable[[mx.array], mx.array]] = None  # logprobs [N, V] -> tokens [N]
+    logits_processors: List[Callable] = field(default_factory=list)
+    draft_mode: str = "sampled"
+
+    def __post_init__(self):
+        if self.temp < 0:
+            raise ValueError(f"temp must be >= 0 (0 is greedy), got {self.temp}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (0 disables it), got {self.min_p}")
+        if self.min_tokens_to_keep < 1:
+            raise ValueError(f"min_tokens_to_keep must be >= 1, got {self.min_tokens_to_keep}")
+        if self.draft_mode not in DRAFT_MODES:
+            raise ValueError(f"draft_mode must be one of {DRAFT_MODES}, got {self.draft_mode!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.sampler is None and self.temp == 0
+
+    @property
+    def exact_distribution(self) -> bool:
+        """Whether p is known (rejection sampling); a custom sampler is a black box."""
+        return self.sampler is None and self.temp > 0
+
+    def process(self, history: mx.array, tokens: mx.array, logits: mx.array) -> mx.array:
+        """Processed log-probabilities [N, V] for N positions.
+
+        history: the tokens before `tokens`; tokens [N]: the input token of each position;
+        logits [N, V]: what the model produced there. Position i's processors see
+        history + tokens[: i + 1], as in plain decoding.
+        """
+        if self.logits_processors:
+            rows = []
+            for i in range(tokens.size):
+                seen = mx.concatenate([history, tokens[: i + 1]])
+                row = logits[i : i + 1]
+                for processor in self.logits_processors:
+                    row = processor(seen, row)
+                rows.append(row)
+            logits = mx.concatenate(rows)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if self.is_greedy or self.sampler is not None:
+            return logprobs
+        if self.top_p < 1:
+            logprobs = apply_top_p(logprobs, self.top_p)
+        if self.min_p > 0:
+            logprobs = apply_min_p(logprobs, self.min_p, self.min_tokens_to_keep)
+        if self.top_k > 0 and self.top_k < logprobs.shape[-1]:
+            logprobs = apply_top_k(logprobs, self.top_k)
+        logprobs = logprobs / self.temp
+        return logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+
+    def sample(self, logprobs: mx.array) -> mx.array:
+        """One token per row of processed log-probabilities: [N, V] -> [N]."""
+        if self.sampler is not None:
+            return self.sampler(logprobs)
+        if self.is_greedy:
+            return mx.argmax(logprobs, axis=-1)
+        return mx.random.categorical(logprobs)
+
+    def accept(self, drafts: mx.array, draft_logprobs: Optional[mx.array], logprobs: mx.array):
+        """Judge k drafts against the target's processed log-probabilities.
+
+        drafts [k]; draft_logprobs [k, V] (log q; None for one-hot greedy drafts);
+        logprobs [k + 1, V] (log p). Returns (accepted count [], the target's token for
+        every position [k + 1]: the one emitted after `accepted` drafts is [accepted]).
+        """
+        k = drafts.size
+        if not self.exact_distribution:
+            # Greedy, or a black-box sampler: keep drafts while they equal the target's own
+            # choice at that position. Each emitted token is the target's choice: exact.
+            choices = self.sample(logprobs)
+            matches = drafts == choices[:k]
+            return mx.cumprod(matches.astype(mx.int32)).sum(), choices
+        p = mx.exp(logprobs)
+        if draft_logprobs is None:
+            q = mx.zeros((k, p.shape[-1]), dtype=p.dtype)
+            q = mx.put_along_axis(q, drafts[:, None], mx.array(1.0, p.dtype), axis=-1)
+        else:
+            q = mx.exp(draft_logprobs)
+        p_draft = mx.take_along_axis(p[:k], drafts[:, None], axis=-1)[:, 0]
+        q_draft = mx.take_along_axis(q, drafts[:, None], axis=-1)[:, 0]
+        accepted_each = mx.random.uniform(shape=(k,)) * q_draft < p_draft
+        accepted = mx.cumprod(accepted_each.astype(mx.int32)).sum()
+        residual = mx.maximum(p[:k] - q, 0)
+        # Where p <= q everywhere the draft is always accepted; keep the row valid anyway.
+        residual = mx.where(residual.sum(-1, keepdims=True) > 0, residual, p[:k])
+        choices = mx.random.categorical(mx.log(mx.concatenate([residual, p[k:]])))
+        return accepted, choices
