@@ -8,18 +8,32 @@ import json
 import sys
 from typing import List, Optional
 
-from .checkpoint import CheckpointError
-from .generate import load, stream_generate
+from mlx_lm.sample_utils import make_logits_processors
 
+from .checkpoint import CheckpointError
+from .generate import load, make_prompt_cache, stream_generate
+from .sampling import DRAFT_MODES
+
+HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="target: local directory or Hub repo id")
-    parser.add_argument("--draft-model", default=None, help="gemma4_assistant drafter (default: none)")
+    parser.add_argument("--model", required=True,
+                        help="target: local directory (a converted pair brings its drafter) or Hub repo id")
+    parser.add_argument("--draft-model", default=None, help="gemma4_assistant drafter: directory or Hub repo id")
     parser.add_argument("--no-draft", action="store_true", help="plain target decoding, for comparison")
     parser.add_argument("--num-draft-tokens", type=int, default=None,
                         help="tokens drafted per round (default: the drafter's num_assistant_tokens, else 4)")
-    parser.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default: 256)")
+    parser.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate per reply")
+    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 disables")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 disables")
+    parser.add_argument("--min-p", type=float, default=0.0, help="min-p filter; 0 disables")
+    parser.add_argument("--repetition-penalty", type=float, default=None, help="e.g. 1.1; none by default")
+    parser.add_argument("--draft-mode", choices=DRAFT_MODES, default="sampled",
+                        help="how the drafter proposes tokens when sampling (temp > 0)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    parser.add_argument("--system", default=None, help="a system message for the chat template")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
@@ -27,29 +41,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gemma-mtp",
         description="Gemma 4 with its MTP drafter on MLX: faster generation, identical output.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HELP_FORMAT,
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="generate text from one prompt",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    gen = commands.add_parser("generate", help="generate text from one prompt", formatter_class=HELP_FORMAT)
     add_model_options(gen)
     gen.add_argument("--prompt", required=True, help="the prompt text, or - to read it from stdin")
-    gen.add_argument("--system", default=None, help="a system message for the chat template")
     gen.add_argument("--no-chat-template", action="store_true", help="use the prompt text as is")
     gen.add_argument("--output", choices=("text", "json"), default="text",
                      help="text: stream the reply; json: print one JSON object at the end")
-    gen.add_argument("--verbose", action="store_true", help="also print per-round details")
+    gen.add_argument("--verbose", action="store_true", help="also print a per-round view of the drafts")
+    gen.add_argument("--stats-json", default=None, metavar="FILE",
+                     help="write the statistics, with the per-round log, to FILE")
     gen.set_defaults(run=run_generate)
+
+    chat = commands.add_parser("chat", help="multi-turn chat that keeps the KV cache between turns",
+                               formatter_class=HELP_FORMAT)
+    add_model_options(chat)
+    chat.add_argument("--max-context", type=int, default=None,
+                      help="most tokens the conversation may hold (default: the model's maximum)")
+    chat.set_defaults(run=run_chat)
     return parser
+
+
+def generation_options(args) -> dict:
+    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
+        raise ValueError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    return dict(
+        max_tokens=args.max_tokens,
+        num_draft_tokens=args.num_draft_tokens,
+        temp=args.temp,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        draft_mode=args.draft_mode,
+        logits_processors=make_logits_processors(repetition_penalty=args.repetition_penalty),
+    )
+
+
+def chat_tokens(tokenizer, messages: List[dict]) -> List[int]:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
 
 
 def prompt_tokens(tokenizer, text: str, system: Optional[str], use_template: bool) -> List[int]:
     if not use_template or getattr(tokenizer, "chat_template", None) is None:
         return tokenizer.encode(text)
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": text}
-    ]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    system_message = [{"role": "system", "content": system}] if system else []
+    return chat_tokens(tokenizer, system_message + [{"role": "user", "content": text}])
 
 
 def format_stats(stats) -> str:
@@ -59,30 +98,165 @@ def format_stats(stats) -> str:
         f"generation: {stats.generation_tokens} tokens, {stats.generation_tps:.1f} tokens/s\n"
         f"speculation: k={stats.num_draft_tokens}, {stats.rounds} rounds, "
         f"mean accepted length {stats.mean_accepted_length:.2f}, "
-        f"acceptance by position [{by_position}]\n"
+        f"acceptance by position [{by_position}], "
+        f"rejection rate {stats.rejection_rate:.2f}, fallback rate {stats.fallback_rate:.2f}\n"
         f"peak memory: {stats.peak_memory_gb:.3f} GB"
     )
 
 
+def format_rounds(rounds_log: List[dict], tokenizer) -> str:
+    """One line per round: accepted drafts in [brackets], rejected ones ~struck~, and the
+    target's own token after `->`."""
+    lines = []
+    for r in rounds_log:
+        shown = [f"[{tokenizer.decode([t])!r}]" for t in r["drafted"][: r["accepted"]]]
+        shown += [f"~{tokenizer.decode([t])!r}~" for t in r["drafted"][r["accepted"]:]]
+        own = r["emitted"][r["accepted"]:]
+        target = f" -> {tokenizer.decode(own)!r}" if own else ""
+        label = "prefill" if r["prefill"] else f"{r['accepted']}/{len(r['drafted'])}"
+        lines.append(f"@{r['position']:>5} {label:>7} {' '.join(shown)}{target}")
+    return "\n".join(lines)
+
+
 def run_generate(args) -> None:
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer, drafter = load(args.model, None if args.no_draft else args.draft_model)
+    model, tokenizer, drafter = load_pair(args)
     prompt = prompt_tokens(tokenizer, text, args.system, not args.no_chat_template)
     pieces, tokens, last = [], [], None
-    for response in stream_generate(model, tokenizer, prompt, draft_model=drafter,
-                                    max_tokens=args.max_tokens, num_draft_tokens=args.num_draft_tokens):
+    record = args.verbose or args.stats_json is not None
+    for response in stream_generate(model, tokenizer, prompt, draft_model=drafter, seed=args.seed,
+                                    record_rounds=record, **generation_options(args)):
         pieces.append(response.text)
         tokens.append(response.token)
         last = response
         if args.output == "text":
             print(response.text, end="", flush=True)
     stats = last.stats
+    if args.stats_json:
+        with open(args.stats_json, "w") as f:
+            json.dump(stats.to_dict(), f, indent=1)
     if args.output == "json":
+        summary = stats.to_dict()
+        summary.pop("rounds_log", None)
         print(json.dumps(dict(text="".join(pieces), tokens=tokens, finish_reason=last.finish_reason,
-                              stats=stats.to_dict())))
+                              stats=summary)))
     else:
         print()
-        print(format_stats(stats), file=sys.stderr)
+    if args.verbose:
+        print(format_rounds(stats.rounds_log, tokenizer), file=sys.stderr)
+    print(format_stats(stats), file=sys.stderr)
+
+
+def load_pair(args):
+    if args.no_draft:
+        model, tokenizer, _ = load(args.model)
+        return model, tokenizer, None
+    return load(args.model, args.draft_model)
+
+
+CHAT_HELP = "/reset clears the conversation, /stats shows the last reply's statistics, /exit quits (or Ctrl-D)"
+
+
+class Conversation:
+    """Messages plus the K/V cache that holds them: each turn prefills only its new tokens.
+
+    After a reply the cache holds the rendered conversation up to the reply (all but its
+    newest token). The next turn renders the whole conversation again; when that text
+    extends what the cache holds, only the extension (plus the reply's newest token, unless
+    it was EOS) is prefilled. Otherwise the cache starts over.
+    """
+
+    def __init__(self, model, tokenizer, args):
+        self.model, self.tokenizer, self.args = model, tokenizer, args
+        self.limit = args.max_context or model.args.max_position_embeddings
+        self.reset()
+
+    def reset(self):
+        self.messages = [{"role": "system", "content": self.args.system}] if self.args.system else []
+        self.stats = None
+        self.forget_cache()
+
+    def forget_cache(self):
+        self.cache = make_prompt_cache(self.model, max(self.args.num_draft_tokens or 0, 16))
+        self.cached_prompt = None  # the rendered text of the last turn's prompt ...
+        self.cached_reply = ""  # ... and its reply: the cache holds both (less `carry`)
+        self.carry: List[int] = []  # the reply's newest token: handed out, not yet cached
+
+    def new_text(self, rendered: str):
+        """The part of `rendered` after the cached prompt and reply, or None if it does not
+        extend them (templates may trim the reply's whitespace)."""
+        if self.cached_prompt is None or not rendered.startswith(self.cached_prompt):
+            return None
+        rest = rendered[len(self.cached_prompt):].lstrip()
+        reply = self.cached_reply.strip()
+        return rest[len(reply):] if rest.startswith(reply) else None
+
+    def prompt_for(self, messages: List[dict]):
+        rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        new_text = self.new_text(rendered)
+        if new_text is not None:
+            return rendered, self.carry + self.tokenizer.encode(new_text, add_special_tokens=False)
+        self.forget_cache()
+        return rendered, self.tokenizer.encode(rendered, add_special_tokens=False)
+
+    def reply(self, text: str, drafter, out):
+        messages = self.messages + [{"role": "user", "content": text}]
+        rendered, prompt = self.prompt_for(messages)
+        if self.cache[0].offset + len(prompt) + self.args.max_tokens > self.limit:
+            raise ValueError(f"the conversation would pass the context limit of {self.limit} tokens: "
+                             "/reset to start over")
+        pieces, generated = [], []
+        stream = stream_generate(self.model, self.tokenizer, prompt, draft_model=drafter,
+                                 prompt_cache=self.cache, seed=self.args.seed,
+                                 **generation_options(self.args))
+        try:
+            for r in stream:
+                pieces.append(r.text)
+                generated.append(r.token)
+                print(r.text, end="", flush=True, file=out)
+                self.stats = r.stats or self.stats
+        except KeyboardInterrupt:
+            print("\n[interrupted]", end="", file=out)
+        finally:
+            stream.close()  # rolls the cache back to what was handed out
+            reply = "".join(pieces)
+            self.messages = messages + [{"role": "assistant", "content": reply}]
+            if generated:
+                self.cached_prompt, self.cached_reply = rendered, reply
+                self.carry = [] if generated[-1] in self.tokenizer.eos_token_ids else generated[-1:]
+            else:  # stopped during the prefill: the cache holds an unknown part of it
+                self.forget_cache()
+        print(file=out)
+
+
+def run_chat(args) -> None:
+    model, tokenizer, drafter = load_pair(args)
+    conversation = Conversation(model, tokenizer, args)
+    print(f"chat with {args.model} ({'speculative' if drafter else 'plain'} decoding). {CHAT_HELP}")
+    while True:
+        try:
+            text = input(">> ")
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print()
+            continue
+        command = text.strip()
+        if command in ("/exit", "/quit"):
+            return
+        if command == "/reset":
+            conversation.reset()
+            print("[conversation cleared]")
+        elif command == "/help":
+            print(CHAT_HELP)
+        elif command == "/stats":
+            print(format_stats(conversation.stats) if conversation.stats else "[no reply yet]")
+        elif command:
+            try:
+                conversation.reply(text, drafter, sys.stdout)
+            except ValueError as e:
+                print(f"[{e}]")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,7 +1,7 @@
 """The Python API: `load`, `stream_generate`, `generate`, shaped like mlx-lm's."""
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Generator, List, Optional, Union
 
@@ -12,7 +12,7 @@ from .cache import rollback_cache
 from .checkpoint import resolve_path
 from .drafter import Drafter, check_pair, load_drafter
 from .sampling import Sampling
-from .speculative import generate_rounds
+from .speculative import Round, generate_rounds
 from .target import Target, load_target
 
 
@@ -53,14 +53,21 @@ class SpeculativeStats:
     def fallback_rate(self) -> float:
         return self.fallback_rounds / self.rounds if self.rounds else 0.0
 
-    def count(self, drafted: List[int], accepted: int) -> None:
+    def record(self, round_: Round) -> None:
+        if self.rounds_log is not None:
+            self.rounds_log.append(
+                dict(position=round_.position, drafted=round_.drafted, accepted=round_.accepted,
+                     emitted=round_.emitted, prefill=round_.from_prefill)
+            )
+        if round_.from_prefill:
+            return
         self.rounds += 1
-        self.drafted_tokens += len(drafted)
-        self.accepted_tokens += accepted
-        self.fallback_rounds += bool(drafted) and accepted == 0
-        for i in range(len(drafted)):
+        self.drafted_tokens += len(round_.drafted)
+        self.accepted_tokens += round_.accepted
+        self.fallback_rounds += bool(round_.drafted) and round_.accepted == 0
+        for i in range(len(round_.drafted)):
             self.drafted_by_position[i] += 1
-            self.accepted_by_position[i] += i < accepted
+            self.accepted_by_position[i] += i < round_.accepted
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -86,9 +93,19 @@ class GenerationResponse:
     stats: Optional[SpeculativeStats] = None  # on the last response
 
 
+PAIR_DRAFTER_DIR = "drafter"  # a converted pair keeps its drafter here, beside the target
+
+
 def load(path_or_repo: str, draft_model: Optional[str] = None):
-    """Load a target (and optionally its drafter): (model, tokenizer, draft_model or None)."""
-    target, tokenizer = load_target(resolve_path(str(path_or_repo)))
+    """Load a target and its drafter: (model, tokenizer, draft_model or None).
+
+    Without `draft_model`, a converted pair directory (one with a `drafter/` folder)
+    brings its own drafter; any other target loads alone.
+    """
+    path = resolve_path(str(path_or_repo))
+    target, tokenizer = load_target(path)
+    if draft_model is None and (path / PAIR_DRAFTER_DIR / "config.json").is_file():
+        draft_model = path / PAIR_DRAFTER_DIR
     drafter = None
     if draft_model is not None:
         drafter = load_drafter(draft_model)
@@ -186,12 +203,8 @@ def stream_generate(
             if n == 0:
                 stats.prompt_tps = prompt.size / (time.perf_counter() - tic)
                 tic = time.perf_counter()
-            if not round_.from_prefill:
-                stats.count(round_.drafted, round_.accepted)
-            if record_rounds:
-                stats.rounds_log.append(
-                    dict(position=round_.position, drafted=round_.drafted, accepted=round_.accepted, emitted=round_.emitted)
-                )
+            round_ = _until_stop(round_, eos, max_tokens - n)
+            stats.record(round_)
             for i, (token, logprob) in enumerate(zip(round_.emitted, round_.logprobs)):
                 n += 1
                 finish = "stop" if token in eos else "length" if n == max_tokens else None
@@ -221,6 +234,22 @@ def stream_generate(
         rounds.close()
         # Keep K/V for every token handed out except the newest, as mlx-lm does.
         rollback_cache(cache, start_offset + prompt.size + max(n - 1, 0))
+
+
+def _until_stop(round_: Round, eos, budget: int) -> Round:
+    """The round cut after its first EOS or after `budget` tokens: what is handed out.
+
+    A cut round ends inside its accepted drafts, so it counts as drafting only those.
+    """
+    used = min(len(round_.emitted), budget)
+    for i, token in enumerate(round_.emitted[:used]):
+        if token in eos:
+            used = i + 1
+            break
+    if used == len(round_.emitted):
+        return round_
+    return replace(round_, drafted=round_.drafted[:used], accepted=used,
+                   emitted=round_.emitted[:used], logprobs=round_.logprobs[:used])
 
 
 def generate(model, tokenizer, prompt, **kwargs) -> str:

@@ -58,9 +58,9 @@ def test_oracle_drafter_gets_full_acceptance_and_matches(pair, k, mlx_pairs):
     oracle = OracleDrafter(prompt + plain + extended)
     out, stats = generate_tokens(target, tokenizer, prompt, draft_model=oracle, num_draft_tokens=k)
     assert out == plain
-    assert stats.accepted_tokens == stats.drafted_tokens == k * stats.rounds
-    assert stats.mean_accepted_length == k + 1
+    assert stats.accepted_tokens == stats.drafted_tokens
     assert stats.acceptance_by_position == [1.0] * k
+    assert stats.rounds == -(-(MAX_TOKENS - 1) // (k + 1))  # the last round may be cut short
     assert stats.rejection_rate == 0.0 and stats.fallback_rate == 0.0
 
 

@@ -1,0 +1,98 @@
+"""Shared pytest fixtures: the tiny Hugging Face checkpoints, built on demand and cached.
+
+The cache lives in tests/.fixtures/<hash>/, keyed by the content of
+scripts/make_fixtures.py and the transformers version, so editing the script or
+upgrading transformers rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import transformers
+
+from gemma_mtp_mlx import load
+
+from hf_reference import MAKE_FIXTURES_PATH, load_hf_assistant, load_hf_target, load_make_fixtures
+
+FIXTURE_CACHE = Path(__file__).resolve().parent / ".fixtures"
+
+TARGETS = ["e2b_target", "dense_target", "moe_target", "multimodal_target"]
+
+# pair name -> (target directory, assistant directory), relative to the fixture directory
+PAIRS = {
+    "e2b": ("e2b_target", "assistant_centroid"),
+    "dense": ("dense_target", "assistant_dense"),
+    "moe": ("moe_target", "assistant_dense"),
+    "multimodal": ("multimodal_target", "assistant_centroid"),
+}
+
+
+def fixture_hash() -> str:
+    digest = hashlib.sha256(MAKE_FIXTURES_PATH.read_bytes())
+    digest.update(transformers.__version__.encode())
+    return digest.hexdigest()
+
+
+def cached_fixture_dir() -> Path:
+    """The cached checkpoints, building them first if needed.
+
+    The build goes to a temporary directory that is renamed into place only when
+    complete, so an interrupted build never leaves a half-written cache.
+    """
+    fixture_dir = FIXTURE_CACHE / fixture_hash()
+    if fixture_dir.is_dir():
+        return fixture_dir
+    FIXTURE_CACHE.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="building-", dir=FIXTURE_CACHE))
+    try:
+        load_make_fixtures().build_fixtures(staging)
+        try:
+            staging.rename(fixture_dir)
+        except OSError:
+            if not fixture_dir.is_dir():  # otherwise a concurrent build got there first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return fixture_dir
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    return cached_fixture_dir()
+
+
+@pytest.fixture(scope="session")
+def pairs(fixture_dir: Path) -> dict[str, tuple[Path, Path]]:
+    return {
+        name: (fixture_dir / target, fixture_dir / assistant) for name, (target, assistant) in PAIRS.items()
+    }
+
+
+# The fixture checkpoints loaded once per session, in MLX and in transformers.
+Pair = namedtuple("Pair", "target tokenizer drafter")
+
+
+@pytest.fixture(scope="session")
+def mlx_pairs(pairs):
+    return {name: Pair(*load(target, draft_model=assistant)) for name, (target, assistant) in pairs.items()}
+
+
+@pytest.fixture(scope="session")
+def mlx_targets(fixture_dir):
+    return {name: load(fixture_dir / name)[0] for name in TARGETS}
+
+
+@pytest.fixture(scope="session")
+def hf_targets(fixture_dir):
+    return {name: load_hf_target(fixture_dir / name) for name in TARGETS}
+
+
+@pytest.fixture(scope="session")
+def hf_assistants(pairs):
+    return {name: load_hf_assistant(assistant) for name, (_, assistant) in pairs.items()}

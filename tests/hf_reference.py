@@ -1,0 +1,111 @@
+"""Reference outputs from transformers (PyTorch, float32) for the tiny fixture checkpoints."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, Gemma4AssistantForCausalLM
+
+MAKE_FIXTURES_PATH = Path(__file__).resolve().parents[1] / "scripts" / "make_fixtures.py"
+
+
+def load_make_fixtures() -> ModuleType:
+    """Import scripts/make_fixtures.py (not a package module) once per process."""
+    name = "make_fixtures"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, MAKE_FIXTURES_PATH)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def load_hf_target(path) -> torch.nn.Module:
+    """A gemma4_text (Gemma4ForCausalLM) or gemma4 (Gemma4ForConditionalGeneration) checkpoint."""
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def load_hf_assistant(path) -> torch.nn.Module:
+    """A Gemma4AssistantForCausalLM, built under the patch that lets transformers 5.23 construct it."""
+    with load_make_fixtures().all_shared_kv_sharing_patch():
+        model = Gemma4AssistantForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval()
+
+
+@torch.no_grad()
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    """[len(ids), vocab] logits of one forward pass over `ids`, without a cache."""
+    output = model(input_ids=torch.tensor([ids]), use_cache=False)
+    return output.logits[0].float().numpy()
+
+
+@torch.no_grad()
+def greedy_step_logits(
+    model, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None
+) -> list[torch.Tensor]:
+    """The next-token logits of each greedy step, decoding with transformers' KV cache.
+
+    A manual loop rather than `generate`, which falls back to the checkpoint's eos id when
+    `eos_token_id` is None. Stops right after emitting `eos_token_id` when one is given.
+    """
+    output = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+    step_logits: list[torch.Tensor] = []
+    while len(step_logits) < max_new_tokens:
+        logits = output.logits[0, -1]
+        step_logits.append(logits)
+        token = int(logits.argmax())
+        if token == eos_token_id:
+            break
+        output = model(
+            input_ids=torch.tensor([[token]]), past_key_values=output.past_key_values, use_cache=True
+        )
+    return step_logits
+
+
+def hf_greedy(
+    model, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None
+) -> list[int]:
+    """Greedy decoding with transformers' KV cache; returns only the new tokens."""
+    step_logits = greedy_step_logits(model, prompt_ids, max_new_tokens, eos_token_id)
+    return [int(logits.argmax()) for logits in step_logits]
+
+
+def hf_greedy_margin(
+    model, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None
+) -> float:
+    """The smallest top-1 minus top-2 logit gap along the greedy path of `hf_greedy`.
+
+    Float32 implementations differ by ~1e-4 in these logits, so where the margin is below
+    ~1e-3 another correct implementation may pick the other token of a near-tie.
+    """
+    step_logits = greedy_step_logits(model, prompt_ids, max_new_tokens, eos_token_id)
+    return min(float(top[0] - top[1]) for top in (logits.topk(2).values for logits in step_logits))
+
+
+@torch.no_grad()
+def hf_draft_step(
+    assistant, token_embedding, hidden, position: int, shared_kv: dict
+) -> tuple[np.ndarray, np.ndarray]:
+    """One Gemma4AssistantForCausalLM step at `position`.
+
+    token_embedding: the target's scaled embedding of the newest token, [backbone_hidden].
+    hidden: the target's final-norm hidden state that produced it, [backbone_hidden].
+    shared_kv: {"full_attention": (k, v), "sliding_attention": (k, v)}, each [1, kv_heads, S, head_dim].
+    Returns (logits [vocab], projected hidden [backbone_hidden]).
+    """
+    inputs_embeds = torch.cat([torch.as_tensor(token_embedding), torch.as_tensor(hidden)]).float()
+    shared_kv_states = {
+        layer_type: (torch.as_tensor(keys).float(), torch.as_tensor(values).float())
+        for layer_type, (keys, values) in shared_kv.items()
+    }
+    output = assistant(
+        inputs_embeds=inputs_embeds[None, None],
+        position_ids=torch.tensor([[position]]),
+        shared_kv_states=shared_kv_states,
+    )
+    return output.logits[0, 0].numpy(), output.last_hidden_state[0, 0].numpy()

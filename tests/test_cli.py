@@ -1,0 +1,154 @@
+"""The command line: generate (text, json, stdin), chat through a pseudo-terminal, errors."""
+
+import json
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+from gemma_mtp_mlx import stream_generate
+from gemma_mtp_mlx.cli import prompt_tokens
+
+
+def cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "gemma_mtp_mlx", *map(str, args)], input=stdin,
+                          capture_output=True, text=True, timeout=300)
+
+
+def pair_args(pairs, name="e2b"):
+    target, drafter = pairs[name]
+    return ["--model", target, "--draft-model", drafter]
+
+
+def test_generate_streams_text_and_prints_stats(pairs):
+    run = cli("generate", *pair_args(pairs), "--prompt", "hello world", "--max-tokens", 12)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip()
+    for label in ("prompt:", "generation: ", "mean accepted length", "acceptance by position", "peak memory"):
+        assert label in run.stderr
+
+
+def test_generate_json_matches_the_python_api(pairs, mlx_pairs):
+    run = cli("generate", *pair_args(pairs), "--prompt", "hello world", "--max-tokens", 20, "--output", "json")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    target, tokenizer, drafter = mlx_pairs["e2b"]
+    prompt = prompt_tokens(tokenizer, "hello world", None, use_template=True)
+    api = list(stream_generate(target, tokenizer, prompt, draft_model=drafter, max_tokens=20))
+    assert result["tokens"] == [r.token for r in api]
+    assert result["text"] == "".join(r.text for r in api)
+    stats = result["stats"]
+    assert stats["generation_tokens"] == len(result["tokens"])
+    assert stats["rounds"] == api[-1].stats.rounds
+    assert result["finish_reason"] in ("stop", "length")
+
+
+def test_generate_reads_the_prompt_from_stdin(pairs):
+    from_stdin = cli("generate", *pair_args(pairs), "--prompt", "-", "--max-tokens", 8, "--output", "json",
+                     stdin="hello world")
+    from_flag = cli("generate", *pair_args(pairs), "--prompt", "hello world", "--max-tokens", 8, "--output", "json")
+    assert json.loads(from_stdin.stdout)["tokens"] == json.loads(from_flag.stdout)["tokens"]
+
+
+def test_help_lists_every_option_with_defaults():
+    run = cli("generate", "--help")
+    for option in ("--model", "--draft-model", "--prompt", "--max-tokens", "--num-draft-tokens", "--temp",
+                   "--top-p", "--top-k", "--min-p", "--repetition-penalty", "--seed", "--system",
+                   "--no-chat-template", "--output", "--verbose", "--no-draft", "--stats-json"):
+        assert option in run.stdout
+    assert "default: 256" in run.stdout
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--max-tokens", "0"], "max_tokens must be at least 1"),
+        (["--num-draft-tokens", "0"], "num_draft_tokens must be at least 1"),
+        (["--temp", "-1"], "temp must be >= 0"),
+        (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["--top-k", "-2"], "top_k must be >= 0"),
+    ],
+)
+def test_bad_option_values_exit_nonzero_with_one_line(pairs, extra, message):
+    run = cli("generate", *pair_args(pairs), "--prompt", "hi", *extra)
+    assert run.returncode != 0
+    assert run.stderr.strip().count("\n") == 0 and message in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_missing_model_and_mismatched_pair_exit_nonzero_with_one_line(pairs, tmp_path):
+    missing = cli("generate", "--model", tmp_path / "nope", "--prompt", "hi")
+    e2b_target, _ = pairs["e2b"]
+    _, dense_drafter = pairs["dense"]
+    mismatched = cli("generate", "--model", e2b_target, "--draft-model", dense_drafter, "--prompt", "hi")
+    for run, message in ((missing, "does not exist"), (mismatched, "drafter expects")):
+        assert run.returncode != 0
+        assert run.stderr.strip().count("\n") == 0 and message in run.stderr
+        assert "Traceback" not in run.stderr
+
+
+def start_chat(pairs, *extra):
+    child = pexpect.spawn(sys.executable, ["-m", "gemma_mtp_mlx", "chat", *map(str, [*pair_args(pairs), *extra])],
+                          encoding="utf-8", timeout=120)
+    child.expect(">> ")
+    return child
+
+
+def ask(child, text):
+    child.sendline(text)
+    child.expect(">> ")
+    return child.before
+
+
+def prompt_token_count(child):
+    child.sendline("/stats")
+    child.expect(r"prompt: (\d+) tokens")
+    count = int(child.match.group(1))
+    child.expect(">> ")
+    return count
+
+
+def test_chat_second_turn_prefills_only_new_tokens_and_reset_clears(pairs, mlx_pairs):
+    _, tokenizer, _ = mlx_pairs["e2b"]
+    child = start_chat(pairs, "--max-tokens", 10)
+    ask(child, "hello there")
+    first = prompt_token_count(child)
+    assert first == len(tokenizer.apply_chat_template([{"role": "user", "content": "hello there"}],
+                                                      add_generation_prompt=True))
+    ask(child, "how are you")
+    second = prompt_token_count(child)
+    turn = tokenizer.encode("<end_of_turn>\n<start_of_turn>user\nhow are you<end_of_turn>\n<start_of_turn>model\n",
+                            add_special_tokens=False)
+    assert second in (len(turn), len(turn) + 1)  # + the reply's last token unless it was EOS
+    assert "[conversation cleared]" in ask(child, "/reset")
+    ask(child, "hello there")
+    assert prompt_token_count(child) == first
+    child.sendeof()
+    child.expect(pexpect.EOF)
+
+
+def test_chat_ctrl_c_stops_the_reply_and_keeps_the_session(pairs):
+    child = start_chat(pairs, "--max-tokens", 100000, "--max-context", 200000)
+    child.sendline("tell me everything")
+    child.expect("tell me everything\r\n")  # the terminal's echo
+    child.expect(r"\S")  # the reply started streaming
+    child.sendintr()
+    child.expect(r"\[interrupted\]")
+    child.expect(">> ")
+    ask(child, "/help")
+    child.sendline("another question")
+    child.sendintr()
+    child.expect(">> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_context_limit_is_a_message_not_a_crash(pairs):
+    child = start_chat(pairs, "--max-tokens", 50, "--max-context", 60)
+    out = ask(child, "a long enough question to pass the limit")
+    assert "context limit of 60 tokens" in out
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
