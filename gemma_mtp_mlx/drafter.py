@@ -80,13 +80,13 @@ class CentroidHead(nn.Module):
         self.token_ordering = mx.zeros((vocab,), dtype=mx.int32)
 
     def candidates(self, x: mx.array, embedding: nn.Module) -> Tuple[mx.array, mx.array]:
-        """x [1, 1, H] -> (candidate ids [top_k * per], their logits [top_k * per])."""
-        centroid_logits = self.centroids(x).reshape(-1)  # [num_centroids]
-        top = mx.argpartition(-centroid_logits, kth=self.top_k - 1)[: self.top_k]
+        """x [..., H] -> (candidate ids [..., top_k * per], their logits [..., top_k * per])."""
+        centroid_logits = self.centroids(x)  # [..., num_centroids]
+        top = mx.argpartition(-centroid_logits, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
         ordering = self.token_ordering.reshape(self.num_centroids, self.per_centroid)
-        ids = ordering[top].reshape(-1)
-        rows = embedding(ids)  # [top_k * per, H]; works for quantized embeddings too
-        return ids, rows @ x.reshape(-1)
+        ids = ordering[top].reshape(*x.shape[:-1], -1)
+        rows = embedding(ids)  # [..., N, H]; works for quantized embeddings too
+        return ids, (rows @ x[..., None])[..., 0]
 
 
 class DrafterModel(nn.Module):
@@ -136,20 +136,20 @@ class Drafter(nn.Module):
         return logits if cap is None else gemma4_text.logit_softcap(cap, logits)
 
     def logits(self, x: mx.array) -> mx.array:
-        """Full-vocabulary logits [vocab] of a step state; -inf outside the centroid candidates."""
+        """Full-vocabulary logits [..., vocab] of step states [..., H]; -inf outside the
+        centroid candidates."""
         if not self.args.use_ordered_embeddings:
-            return self._softcap(self.model.embed_tokens.as_linear(x).reshape(-1))
+            return self._softcap(self.model.embed_tokens.as_linear(x))
         ids, scores = self.masked_embedding.candidates(x, self.model.embed_tokens)
-        full = mx.full((self.args.text.vocab_size,), -mx.inf, dtype=scores.dtype)
-        full[ids] = self._softcap(scores)
-        return full
+        full = mx.full((*x.shape[:-1], self.args.text.vocab_size), -mx.inf, dtype=scores.dtype)
+        return mx.put_along_axis(full, ids, self._softcap(scores), axis=-1)
 
     def greedy_token(self, x: mx.array) -> mx.array:
-        """The most likely next token of a step state, as [1] int."""
+        """The most likely next token of step states [..., H]: [...] int."""
         if not self.args.use_ordered_embeddings:
-            return mx.argmax(self.model.embed_tokens.as_linear(x).reshape(-1), keepdims=True)
+            return mx.argmax(self.model.embed_tokens.as_linear(x), axis=-1)
         ids, scores = self.masked_embedding.candidates(x, self.model.embed_tokens)
-        return ids[mx.argmax(scores, keepdims=True)]
+        return mx.take_along_axis(ids, mx.argmax(scores, axis=-1, keepdims=True), axis=-1)[..., 0]
 
     def draft(
         self,
@@ -172,9 +172,9 @@ class Drafter(nn.Module):
         for _ in range(num_tokens):
             state, hidden = self.step(embed(token)[None], hidden, position, shared_kv)
             if sample is None:
-                token = self.greedy_token(state)
+                token = self.greedy_token(state)[0]  # [1]
             else:
-                token, logq = sample(token, self.logits(state)[None])
+                token, logq = sample(token, self.logits(state)[0])
                 draft_logprobs.append(logq)
             drafts.append(token)
         return mx.concatenate(drafts), mx.concatenate(draft_logprobs) if draft_logprobs else None

@@ -90,29 +90,31 @@ class Sampling:
     def accept(self, drafts: mx.array, draft_logprobs: Optional[mx.array], logprobs: mx.array):
         """Judge k drafts against the target's processed log-probabilities.
 
-        drafts [k]; draft_logprobs [k, V] (log q; None for one-hot greedy drafts);
-        logprobs [k + 1, V] (log p). Returns (accepted count [], the target's token for
-        every position [k + 1]: the one emitted after `accepted` drafts is [accepted]).
+        drafts [..., k]; draft_logprobs [..., k, V] (log q; None for one-hot greedy drafts);
+        logprobs [..., k + 1, V] (log p). Leading axes are independent sequences. Returns
+        (accepted count [...], the target's token for every position [..., k + 1]: the one
+        emitted after `accepted` drafts is at index `accepted`).
         """
-        k = drafts.size
+        k = drafts.shape[-1]
+        drafts = drafts.astype(mx.int32)
         if not self.exact_distribution:
             # Greedy, or a black-box sampler: keep drafts while they equal the target's own
             # choice at that position. Each emitted token is the target's choice: exact.
             choices = self.sample(logprobs)
-            matches = drafts == choices[:k]
-            return mx.cumprod(matches.astype(mx.int32)).sum(), choices
+            matches = drafts == choices[..., :k]
+            return mx.cumprod(matches.astype(mx.int32), axis=-1).sum(-1), choices
         p = mx.exp(logprobs)
         if draft_logprobs is None:
-            q = mx.zeros((k, p.shape[-1]), dtype=p.dtype)
-            q = mx.put_along_axis(q, drafts[:, None], mx.array(1.0, p.dtype), axis=-1)
+            q = mx.zeros(p[..., :k, :].shape, dtype=p.dtype)
+            q = mx.put_along_axis(q, drafts[..., None], mx.array(1.0, p.dtype), axis=-1)
         else:
             q = mx.exp(draft_logprobs)
-        p_draft = mx.take_along_axis(p[:k], drafts[:, None], axis=-1)[:, 0]
-        q_draft = mx.take_along_axis(q, drafts[:, None], axis=-1)[:, 0]
-        accepted_each = mx.random.uniform(shape=(k,)) * q_draft < p_draft
-        accepted = mx.cumprod(accepted_each.astype(mx.int32)).sum()
-        residual = mx.maximum(p[:k] - q, 0)
+        p_draft = mx.take_along_axis(p[..., :k, :], drafts[..., None], axis=-1)[..., 0]
+        q_draft = mx.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+        accepted_each = mx.random.uniform(shape=drafts.shape) * q_draft < p_draft
+        accepted = mx.cumprod(accepted_each.astype(mx.int32), axis=-1).sum(-1)
+        residual = mx.maximum(p[..., :k, :] - q, 0)
         # Where p <= q everywhere the draft is always accepted; keep the row valid anyway.
-        residual = mx.where(residual.sum(-1, keepdims=True) > 0, residual, p[:k])
-        choices = mx.random.categorical(mx.log(mx.concatenate([residual, p[k:]])))
+        residual = mx.where(residual.sum(-1, keepdims=True) > 0, residual, p[..., :k, :])
+        choices = mx.random.categorical(mx.log(mx.concatenate([residual, p[..., k:, :]], axis=-2)))
         return accepted, choices

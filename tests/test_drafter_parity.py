@@ -39,7 +39,7 @@ def test_three_draft_steps_match_transformers(pair, length, mlx_pairs, hf_assist
     for _ in range(3):
         embedding = target.embed(token)[None]
         state, ours_hidden = drafter.step(embedding, ours_hidden, position, shared_kv)
-        ours_logits = np.array(drafter.logits(state))
+        ours_logits = np.array(drafter.logits(state)).reshape(-1)
         ref_logits, ref_hidden = hf_draft_step(
             assistant, np.array(embedding).reshape(-1), ref_hidden, position, reference_kv
         )
@@ -49,7 +49,7 @@ def test_three_draft_steps_match_transformers(pair, length, mlx_pairs, hf_assist
         assert np.abs(ours_logits[candidates] - ref_logits[candidates]).max() <= 1e-3 * span
         ours_h = np.array(ours_hidden).reshape(-1)
         assert np.abs(ours_h - ref_hidden).max() <= 1e-3 * (np.abs(ref_hidden).max())
-        token = drafter.greedy_token(state)
+        token = drafter.greedy_token(state).reshape(1)
         assert token.item() == int(ref_logits.argmax())
 
 
@@ -60,5 +60,5 @@ def test_centroid_head_scores_only_top_centroid_blocks(mlx_pairs):
     ids, _ = head.candidates(x, drafter.model.embed_tokens)
     top = np.argsort(-np.array(head.centroids(x)).reshape(-1))[: head.top_k]
     blocks = np.array(head.token_ordering).reshape(head.num_centroids, -1)[top]
-    assert sorted(np.array(ids).tolist()) == sorted(blocks.reshape(-1).tolist())
+    assert sorted(np.array(ids).reshape(-1).tolist()) == sorted(blocks.reshape(-1).tolist())
     assert np.isfinite(np.array(drafter.logits(x))).sum() == head.top_k * head.per_centroid
