@@ -10,6 +10,7 @@ from typing import List, Optional
 
 from mlx_lm.sample_utils import make_logits_processors
 
+from . import convert
 from .checkpoint import CheckpointError
 from .generate import load, make_prompt_cache, stream_generate
 from .sampling import DRAFT_MODES
@@ -62,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-context", type=int, default=None,
                       help="most tokens the conversation may hold (default: the model's maximum)")
     chat.set_defaults(run=run_chat)
+
+    conv = commands.add_parser("convert", help="convert (and quantize) a Hugging Face pair to MLX")
+    convert.add_arguments(conv)
+    conv.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    conv.set_defaults(run=convert.run)
     return parser
 
 

@@ -152,3 +152,19 @@ def test_chat_context_limit_is_a_message_not_a_crash(pairs):
     assert "context limit of 60 tokens" in out
     child.sendline("/exit")
     child.expect(pexpect.EOF)
+
+
+def test_convert_then_generate_from_the_pair_directory(pairs, tmp_path):
+    out = tmp_path / "pair"
+    target, drafter = pairs["e2b"]
+    run = cli("convert", "--model", target, "--draft-model", drafter, "-o", out, "-q", "--q-bits", 8,
+              "--q-group-size", 32)
+    assert run.returncode == 0, run.stderr
+    assert "converted size" in run.stdout and "peak conversion memory" in run.stdout
+    speculative = cli("generate", "--model", out, "--prompt", "hi", "--max-tokens", 12, "--output", "json")
+    plain = cli("generate", "--model", out, "--no-draft", "--prompt", "hi", "--max-tokens", 12, "--output", "json")
+    assert json.loads(speculative.stdout)["stats"]["num_draft_tokens"] == 6  # the pair's drafter
+    assert json.loads(plain.stdout)["stats"]["num_draft_tokens"] == 0
+    assert json.loads(speculative.stdout)["tokens"] == json.loads(plain.stdout)["tokens"]
+    again = cli("convert", "--model", target, "--draft-model", drafter, "-o", out)
+    assert again.returncode != 0 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
