@@ -236,3 +236,87 @@ def test_wrong_acceptance_rule_fails_the_same_test(wrong_rule, draft_mode, state
     joint = exact_joint(state, sampling, MIN_EXPECTED / SAMPLES)
     samples = speculative_samples(state, target_as_drafter, sampling, SAMPLES)
     assert chi_square_p_value(samples, joint) < 1e-6
+
+
+def exact_joint_with_processors(target, sampling, min_prob):
+    """As `exact_joint`, for samplings whose logits processors read each row's history."""
+    def next_logprobs(prefixes):
+        cache_free = np.array([PROMPT + list(p) for p in prefixes])
+        logits, _ = target(mx.array(cache_free), None)
+        rows = [sampling.process(mx.array(row[:-1]), mx.array(row[-1:]), logits[i, -1:])
+                for i, row in enumerate(cache_free)]
+        return np.exp(np.array(mx.concatenate(rows)))
+
+    p1 = next_logprobs([()])[0]
+    first = [(a,) for a in np.flatnonzero(p1 >= min_prob)]
+    p2 = next_logprobs(first)
+    pairs = [((a, b), p1[a] * p2[i, b]) for i, (a,) in enumerate(first) for b in np.flatnonzero(p1[a] * p2[i] >= min_prob)]
+    p3 = next_logprobs([ab for ab, _ in pairs])
+    return {ab + (c,): mass * p3[i, c] for i, (ab, mass) in enumerate(pairs) for c in np.flatnonzero(mass * p3[i] >= min_prob)}
+
+
+END_TO_END_SAMPLES = 1200
+
+
+def test_stream_generate_with_repetition_penalty_keeps_the_distribution(e2b):
+    """The loop's own wiring (histories, hidden states, rollback) through the public API."""
+    processors = make_logits_processors(repetition_penalty=1.5)
+    sampling = Sampling(temp=1.0, logits_processors=processors)
+    joint = exact_joint_with_processors(e2b.target, sampling, MIN_EXPECTED / END_TO_END_SAMPLES)
+    samples = np.array([
+        [r.token for r in stream_generate(e2b.target, e2b.tokenizer, PROMPT, draft_model=e2b.drafter, num_draft_tokens=K,
+                                          max_tokens=3, temp=1.0, logits_processors=processors, seed=i)]
+        for i in range(END_TO_END_SAMPLES)
+    ])
+    assert chi_square_p_value(samples, joint) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["e2b", "dense"])
+def test_repetition_penalty_greedy_speculative_equals_plain(name, mlx_pairs):
+    target, tokenizer, drafter = mlx_pairs[name]
+    processors = make_logits_processors(repetition_penalty=1.3, repetition_context_size=10)
+    prompt = list(range(30, 50))
+    plain = [r.token for r in stream_generate(target, tokenizer, prompt, max_tokens=50, logits_processors=processors)]
+    unpenalized = [r.token for r in stream_generate(target, tokenizer, prompt, max_tokens=50)]
+    assert plain != unpenalized  # the penalty changes the output, so the comparison means something
+    for k in (1, 3, 6):
+        speculative = stream_generate(target, tokenizer, prompt, draft_model=drafter, num_draft_tokens=k,
+                                      max_tokens=50, logits_processors=processors)
+        assert [r.token for r in speculative] == plain
+
+
+def test_temp_zero_is_the_greedy_path(mlx_pairs):
+    target, tokenizer, drafter = mlx_pairs["e2b"]
+    prompt = list(range(30, 50))
+    greedy = [r.token for r in stream_generate(target, tokenizer, prompt, max_tokens=40)]
+    for options in (dict(temp=0.0), dict(temp=0.0, top_p=0.5, top_k=3, seed=4)):
+        out = stream_generate(target, tokenizer, prompt, draft_model=drafter, max_tokens=40, **options)
+        assert [r.token for r in out] == greedy
+
+
+def test_seed_makes_a_sampled_speculative_run_reproducible(mlx_pairs):
+    target, tokenizer, drafter = mlx_pairs["e2b"]
+
+    def run(seed):
+        out = stream_generate(target, tokenizer, [5, 6, 7], draft_model=drafter, max_tokens=30, temp=1.0, seed=seed)
+        return [(r.token, round(r.logprob, 5)) for r in out]
+
+    assert run(1) == run(1) != run(2)
+    assert all(lp <= 0 for _, lp in run(1))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(temp=-0.1), "temp must be >= 0"),
+        (dict(top_p=0.0), "top_p must be in"),
+        (dict(top_p=1.2), "top_p must be in"),
+        (dict(top_k=-1), "top_k must be >= 0"),
+        (dict(min_p=1.5), "min_p must be in"),
+        (dict(draft_mode="beam"), "draft_mode must be one of"),
+    ],
+)
+def test_invalid_sampling_arguments_are_clear_errors(options, message, mlx_pairs):
+    target, tokenizer, drafter = mlx_pairs["e2b"]
+    with pytest.raises(ValueError, match=message):
+        list(stream_generate(target, tokenizer, [5, 6], draft_model=drafter, **options))
