@@ -76,6 +76,11 @@ class SlidingKVCache:
         first = max(0, self.used - n)
         return self.keys[..., first : self.used, :], self.values[..., first : self.used, :]
 
+    @property
+    def rollback(self) -> int:
+        """How many positions a caller may drop after a write."""
+        return self.keep - self.window - 1
+
     def is_trimmable(self) -> bool:
         return True
 
@@ -85,7 +90,7 @@ class SlidingKVCache:
         if self.start > max(0, self.offset - n - self.window - 1):
             raise RuntimeError(
                 f"cannot roll the sliding cache back by {n} positions: only "
-                f"{self.keep - self.window - 1} were reserved when it was made"
+                f"{self.rollback} were reserved when it was made"
             )
         self.used -= n
         self.offset -= n
@@ -109,6 +114,11 @@ class SlidingKVCache:
         return tuple(map(str, (self.window, self.keep, self.step, self.offset, self.start, self.used)))
 
 
+def rollback_needed(num_draft_tokens: int) -> int:
+    """Positions to reserve: a verify pass of k + 1 tokens, plus tokens emitted past a stop."""
+    return 2 * (num_draft_tokens + 1)
+
+
 def make_target_cache(args, max_draft: int) -> List:
     """One cache per K/V-computing layer of a mlx-lm `gemma4_text` model.
 
@@ -117,7 +127,7 @@ def make_target_cache(args, max_draft: int) -> List:
     tokens emitted past a stop).
     """
     num_kv_layers = args.num_hidden_layers - args.num_kv_shared_layers
-    rollback = 2 * (max_draft + 1)
+    rollback = rollback_needed(max_draft)
     return [
         SlidingKVCache(args.sliding_window, rollback)
         if args.layer_types[i] == "sliding_attention"

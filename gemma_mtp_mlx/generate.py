@@ -8,7 +8,7 @@ from typing import Callable, Generator, List, Optional, Union
 import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .cache import rollback_cache
+from .cache import SlidingKVCache, rollback_cache, rollback_needed
 from .checkpoint import resolve_path
 from .drafter import Drafter, check_pair, load_drafter
 from .sampling import Sampling
@@ -183,6 +183,12 @@ def stream_generate(
     if seed is not None:
         mx.random.seed(seed)
     cache = prompt_cache if prompt_cache is not None else target.make_cache(k)
+    reserved = min((c.rollback for c in cache if isinstance(c, SlidingKVCache)), default=None)
+    if reserved is not None and reserved < rollback_needed(k):
+        raise ValueError(
+            f"prompt_cache was made for fewer draft tokens than {k}: "
+            f"make it with make_prompt_cache(model, num_draft_tokens={k})"
+        )
     start_offset = cache[0].offset if cache else 0
 
     stats = SpeculativeStats(

@@ -97,11 +97,11 @@ def generate_rounds(
         while True:
             drafts, accepted, choices, hiddens, draft_lp, choice_lp = pending
             pending = None
-            n = accepted.item()
+            n = accepted.item()  # the round's one wait; the rest is already computed
             drafted = drafts.tolist()
             rollback_cache(cache, position + n + 1)
-            emitted = drafted[:n] + [choices[n].item()]
-            logprobs = draft_lp.reshape(-1).tolist()[:n] + [choice_lp[n, 0].item()]
+            emitted = drafted[:n] + [choices.tolist()[n]]
+            logprobs = draft_lp.reshape(-1).tolist()[:n] + [choice_lp.reshape(-1).tolist()[n]]
             round_ = Round(position, drafted, n, emitted, logprobs)
             history = mx.concatenate([history, token, drafts[:n].astype(token.dtype)])
             token, hidden, position = choices[n : n + 1], hiddens[:, n : n + 1], position + n + 1

@@ -146,3 +146,10 @@ def test_truncated_weights_and_wrong_model_type_are_clear_errors(pairs, tmp_path
         load_drafter(target_path)
     with pytest.raises(CheckpointError, match="pass it as draft_model"):
         load(assistant_path)
+
+
+def test_prompt_cache_too_small_for_the_draft_length_is_a_clear_error(mlx_pairs):
+    target, tokenizer, drafter = mlx_pairs["e2b"]
+    cache = make_prompt_cache(target, num_draft_tokens=2)
+    with pytest.raises(ValueError, match="make_prompt_cache\\(model, num_draft_tokens=6\\)"):
+        list(stream_generate(target, tokenizer, [5, 6], draft_model=drafter, num_draft_tokens=6, prompt_cache=cache))
