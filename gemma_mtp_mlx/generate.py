@@ -134,6 +134,26 @@ def _encode(tokenizer: TokenizerWrapper, prompt: Union[str, List[int], mx.array]
     return prompt
 
 
+def _draft_length(target: Target, draft_model, num_draft_tokens: Optional[int]) -> int:
+    if draft_model is None:
+        return 0
+    if isinstance(draft_model, Drafter):  # test doubles only need a `draft` method
+        check_pair(target, draft_model)
+    k = draft_model.default_num_draft_tokens if num_draft_tokens is None else num_draft_tokens
+    if k < 1:
+        raise ValueError(f"num_draft_tokens must be at least 1, got {k}")
+    return k
+
+
+def _check_rollback_room(cache: List, k: int) -> None:
+    reserved = min((c.rollback for c in cache if isinstance(c, SlidingKVCache)), default=None)
+    if reserved is not None and reserved < rollback_needed(k):
+        raise ValueError(
+            f"prompt_cache was made for fewer draft tokens than {k}: "
+            f"make it with make_prompt_cache(model, num_draft_tokens={k})"
+        )
+
+
 def stream_generate(
     model,
     tokenizer,
@@ -169,26 +189,14 @@ def stream_generate(
         tokenizer = TokenizerWrapper(tokenizer)
     if max_tokens <= 0:
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-    if draft_model is None:
-        k = 0
-    else:
-        if isinstance(draft_model, Drafter):  # test doubles only need a `draft` method
-            check_pair(target, draft_model)
-        k = draft_model.default_num_draft_tokens if num_draft_tokens is None else num_draft_tokens
-        if k < 1:
-            raise ValueError(f"num_draft_tokens must be at least 1, got {k}")
+    k = _draft_length(target, draft_model, num_draft_tokens)
     sampling = Sampling(temp, top_p, top_k, min_p, min_tokens_to_keep, sampler,
                         list(logits_processors or []), draft_mode)
     prompt = _encode(tokenizer, prompt)
     if seed is not None:
         mx.random.seed(seed)
     cache = prompt_cache if prompt_cache is not None else target.make_cache(k)
-    reserved = min((c.rollback for c in cache if isinstance(c, SlidingKVCache)), default=None)
-    if reserved is not None and reserved < rollback_needed(k):
-        raise ValueError(
-            f"prompt_cache was made for fewer draft tokens than {k}: "
-            f"make it with make_prompt_cache(model, num_draft_tokens={k})"
-        )
+    _check_rollback_room(cache, k)
     start_offset = cache[0].offset if cache else 0
 
     stats = SpeculativeStats(
