@@ -168,3 +168,18 @@ def test_convert_then_generate_from_the_pair_directory(pairs, tmp_path):
     assert json.loads(speculative.stdout)["tokens"] == json.loads(plain.stdout)["tokens"]
     again = cli("convert", "--model", target, "--draft-model", drafter, "-o", out)
     assert again.returncode != 0 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_verbose_view_and_stats_json_show_the_rounds(pairs, tmp_path):
+    stats_file = tmp_path / "stats.json"
+    run = cli("generate", *pair_args(pairs), "--prompt", "hello", "--max-tokens", 10, "--num-draft-tokens", 3,
+              "--verbose", "--stats-json", stats_file)
+    assert run.returncode == 0, run.stderr
+    stats = json.loads(stats_file.read_text())
+    log = stats["rounds_log"]
+    assert sum(len(r["emitted"]) for r in log) == stats["generation_tokens"] == 10
+    round_lines = [line for line in run.stderr.splitlines() if line.startswith("@")]
+    assert len(round_lines) == len(log)
+    assert "prefill" in round_lines[0] and "->" in round_lines[0]
+    assert all(f"/{len(r['drafted'])}" in line for r, line in zip(log[1:], round_lines[1:]))
+    assert "rejection rate" in run.stderr and "fallback rate" in run.stderr
