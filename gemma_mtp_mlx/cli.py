@@ -10,9 +10,9 @@ from typing import List, Optional
 
 from mlx_lm.sample_utils import make_logits_processors
 
-from . import convert
+from . import bench, convert
 from .checkpoint import CheckpointError
-from .generate import load, make_prompt_cache, stream_generate
+from .generate import chat_prompt, load, make_prompt_cache, stream_generate
 from .sampling import DRAFT_MODES
 
 HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_arguments(conv)
     conv.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     conv.set_defaults(run=convert.run)
+
+    measure = commands.add_parser("bench", help="measure speculative vs plain decoding on this machine")
+    bench.add_arguments(measure)
+    measure.set_defaults(run=bench.run)
     return parser
 
 
@@ -84,17 +88,6 @@ def generation_options(args) -> dict:
         draft_mode=args.draft_mode,
         logits_processors=make_logits_processors(repetition_penalty=args.repetition_penalty),
     )
-
-
-def chat_tokens(tokenizer, messages: List[dict]) -> List[int]:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-
-
-def prompt_tokens(tokenizer, text: str, system: Optional[str], use_template: bool) -> List[int]:
-    if not use_template or getattr(tokenizer, "chat_template", None) is None:
-        return tokenizer.encode(text)
-    system_message = [{"role": "system", "content": system}] if system else []
-    return chat_tokens(tokenizer, system_message + [{"role": "user", "content": text}])
 
 
 def format_stats(stats) -> str:
@@ -127,7 +120,7 @@ def format_rounds(rounds_log: List[dict], tokenizer) -> str:
 def run_generate(args) -> None:
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer, drafter = load_pair(args)
-    prompt = prompt_tokens(tokenizer, text, args.system, not args.no_chat_template)
+    prompt = text if args.no_chat_template else chat_prompt(tokenizer, text, args.system)
     pieces, tokens, last = [], [], None
     record = args.verbose or args.stats_json is not None
     for response in stream_generate(model, tokenizer, prompt, draft_model=drafter, seed=args.seed,

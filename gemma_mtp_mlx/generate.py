@@ -122,7 +122,19 @@ def _as_target(model) -> Target:
     return model if isinstance(model, Target) else Target(model)
 
 
-def _encode(tokenizer: TokenizerWrapper, prompt: Union[str, List[int], mx.array]) -> mx.array:
+def chat_prompt(tokenizer, text: str, system: Optional[str] = None) -> Union[str, List[int]]:
+    """`text` as a user turn (after an optional system turn) of the tokenizer's chat
+    template, as token ids; the text itself when the tokenizer has no template."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return text
+    system_turn = [{"role": "system", "content": system}] if system else []
+    return tokenizer.apply_chat_template(
+        system_turn + [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+    )
+
+
+def encode_prompt(tokenizer: TokenizerWrapper, prompt: Union[str, List[int], mx.array]) -> mx.array:
+    """Token ids of a prompt; text gets the BOS token unless it starts with one."""
     if isinstance(prompt, str):
         if not prompt:
             raise ValueError("the prompt is empty: give some text or at least one token")
@@ -192,7 +204,7 @@ def stream_generate(
     k = _draft_length(target, draft_model, num_draft_tokens)
     sampling = Sampling(temp, top_p, top_k, min_p, min_tokens_to_keep, sampler,
                         list(logits_processors or []), draft_mode)
-    prompt = _encode(tokenizer, prompt)
+    prompt = encode_prompt(tokenizer, prompt)
     if seed is not None:
         mx.random.seed(seed)
     cache = prompt_cache if prompt_cache is not None else target.make_cache(k)

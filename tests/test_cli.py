@@ -8,7 +8,7 @@ import pexpect
 import pytest
 
 from gemma_mtp_mlx import stream_generate
-from gemma_mtp_mlx.cli import prompt_tokens
+from gemma_mtp_mlx.generate import chat_prompt
 
 
 def cli(*args, stdin=None):
@@ -34,7 +34,7 @@ def test_generate_json_matches_the_python_api(pairs, mlx_pairs):
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     target, tokenizer, drafter = mlx_pairs["e2b"]
-    prompt = prompt_tokens(tokenizer, "hello world", None, use_template=True)
+    prompt = chat_prompt(tokenizer, "hello world")
     api = list(stream_generate(target, tokenizer, prompt, draft_model=drafter, max_tokens=20))
     assert result["tokens"] == [r.token for r in api]
     assert result["text"] == "".join(r.text for r in api)

@@ -1,0 +1,494 @@
+"""`gemma-mtp bench`: does speculation pay for this pair on this machine, and which k?
+
+Measures, in one process and on the same prompts, plain target decoding through our API,
+mlx-lm's own generation of the same target (the ecosystem baseline), and speculative
+decoding for each draft length k and temperature. Repeats are interleaved (every
+configuration once per repeat, alternating direction) so that drift hits all alike.
+
+Besides tokens/s it measures the two costs that decide the speedup (DESIGN.md 7):
+`c`, a drafter step relative to one target decode step, and `v(k)`, a target verify
+forward of k + 1 tokens relative to one decode step. One round of k drafts then costs
+v(k) + k * c decode steps and yields the mean accepted length in tokens, so the
+predicted speedup is mean accepted length / (v(k) + k * c).
+"""
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import mlx.core as mx
+import mlx_lm
+from mlx.utils import tree_flatten
+from mlx_lm.sample_utils import make_sampler
+
+from .cache import rollback_cache
+from .generate import SpeculativeStats, chat_prompt, encode_prompt, load, stream_generate
+from .target import Target
+
+DEFAULT_KS = (1, 2, 3, 4, 6, 8)
+DEFAULT_TEMPS = (0.0, 0.7)
+DEFAULT_OUT = "bench/results"
+DEFAULT_PROMPTS = [
+    "Explain in a few paragraphs how a hash map works and when it becomes slow.",
+    "Write a Python function that returns the n-th Fibonacci number, with a docstring and tests.",
+    "Summarise the causes of the French Revolution for a high-school student.",
+    "A train leaves at 9:40 and arrives at 13:05. How long is the journey? Show your steps.",
+]
+TIMING_WARMUP = 3
+
+
+@dataclass(frozen=True)
+class Config:
+    kind: str  # "plain" (our API, no drafter), "mlx-lm" (mlx_lm.stream_generate), "speculative"
+    temp: float
+    k: int = 0
+
+    @property
+    def name(self) -> str:
+        what = f"k={self.k}" if self.kind == "speculative" else self.kind
+        return f"{what} t={self.temp:g}"
+
+
+@dataclass
+class Run:
+    tokens: int  # generated tokens
+    seconds: float  # wall time of the generation phase (prefill excluded)
+    peak_memory_gb: float
+    stats: Optional[SpeculativeStats]  # None for mlx-lm
+
+
+def run_benchmark(
+    model,
+    tokenizer,
+    draft_model,
+    prompts: List[Union[str, List[int]]],
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    temps: Sequence[float] = DEFAULT_TEMPS,
+    max_tokens: int = 128,
+    repeats: int = 3,
+    seed: int = 0,
+    timing_iters: int = 20,
+    model_name: Optional[str] = None,
+    draft_model_name: Optional[str] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> dict:
+    """Benchmark `model` (the target from `load`) with and without `draft_model`.
+
+    Returns a JSON-ready dict: `machine`, `command`, `model`, `draft_model`, `settings`,
+    `costs` (decode ms, c, v(k)) and `configs`, one entry per configuration with its
+    median tokens/s over `repeats`, ratio to plain decoding at the same temperature,
+    acceptance statistics, peak memory and predicted speedup.
+    """
+    target = model if isinstance(model, Target) else Target(model)
+    ks, temps = tuple(ks), tuple(temps)
+    _check_options(draft_model, prompts, ks, temps, max_tokens, repeats)
+    report = progress or (lambda line: None)
+    prompts = [encode_prompt(tokenizer, p).tolist() for p in prompts]
+    configs = [
+        config
+        for temp in temps
+        for config in [Config("plain", temp), Config("mlx-lm", temp)] + [Config("speculative", temp, k) for k in ks]
+    ]
+
+    def run(config: Config, prompt: List[int], prompt_seed: int, tokens: int) -> Run:
+        mx.reset_peak_memory()
+        if config.kind == "mlx-lm":
+            return _run_mlx_lm(target, tokenizer, prompt, config.temp, tokens, prompt_seed)
+        return _run_ours(target, tokenizer, draft_model, prompt, config, tokens, prompt_seed)
+
+    report(f"warming up {len(configs)} configurations")
+    for config in configs:
+        run(config, prompts[0], seed, min(max_tokens, 16))
+    report("measuring step costs")
+    costs = measure_costs(target, draft_model, prompts[0], ks, iters=timing_iters)
+
+    runs: Dict[Config, List[List[Run]]] = {config: [] for config in configs}
+    for repeat in range(repeats):
+        order = configs if repeat % 2 == 0 else configs[::-1]
+        for config in order:
+            runs[config].append([run(config, p, seed + i, max_tokens) for i, p in enumerate(prompts)])
+            tps = _tokens_per_s(runs[config][-1])
+            report(f"repeat {repeat + 1}/{repeats} {config.name}: {tps:.1f} tokens/s")
+
+    results = [_summarise(config, runs[config], costs) for config in configs]
+    plain = {r["temp"]: r["tokens_per_s"] for r in results if r["kind"] == "plain"}
+    for r in results:
+        r["ratio"] = r["tokens_per_s"] / plain[r["temp"]]
+        if r["predicted_speedup"] is not None:
+            r["measured_over_predicted"] = r["ratio"] / r["predicted_speedup"]
+    return dict(
+        machine=machine_info(),
+        command=command_line(),
+        model=describe_model(target.model, target.args, target.model.model_type, model_name),
+        draft_model=describe_model(draft_model, draft_model.args.text, "gemma4_assistant", draft_model_name),
+        settings=dict(ks=list(ks), temps=list(temps), max_tokens=max_tokens, repeats=repeats, seed=seed,
+                      prompts=len(prompts), prompt_tokens=[len(p) for p in prompts], timing_iters=timing_iters),
+        costs=costs,
+        configs=results,
+    )
+
+
+def _check_options(draft_model, prompts, ks, temps, max_tokens, repeats) -> None:
+    if draft_model is None:
+        raise ValueError("the benchmark needs a drafter: pass --draft-model (a gemma4_assistant checkpoint) "
+                         "or a converted pair directory")
+    if not prompts:
+        raise ValueError("no prompts to benchmark: give at least one")
+    if not ks or any(k < 1 for k in ks) or len(set(ks)) != len(ks):
+        raise ValueError(f"draft lengths must be distinct integers >= 1, got {list(ks)}")
+    if not temps or any(t < 0 for t in temps) or len(set(temps)) != len(temps):
+        raise ValueError(f"temperatures must be distinct numbers >= 0, got {list(temps)}")
+    if max_tokens < 1 or repeats < 1:
+        raise ValueError(f"max_tokens and repeats must be at least 1, got {max_tokens} and {repeats}")
+
+
+def _run_ours(target, tokenizer, drafter, prompt, config: Config, max_tokens: int, seed: int) -> Run:
+    last = None
+    for last in stream_generate(target, tokenizer, prompt, draft_model=drafter if config.k else None,
+                                num_draft_tokens=config.k or None, max_tokens=max_tokens,
+                                temp=config.temp, seed=seed):
+        pass
+    stats = last.stats
+    return Run(stats.generation_tokens, stats.generation_tokens / stats.generation_tps, stats.peak_memory_gb, stats)
+
+
+def _run_mlx_lm(target, tokenizer, prompt, temp: float, max_tokens: int, seed: int) -> Run:
+    mx.random.seed(seed)
+    last = None
+    for last in mlx_lm.stream_generate(target.model, tokenizer, prompt, max_tokens=max_tokens,
+                                       sampler=make_sampler(temp)):
+        pass
+    return Run(last.generation_tokens, last.generation_tokens / last.generation_tps, last.peak_memory, None)
+
+
+def _tokens_per_s(runs: List[Run]) -> float:
+    """Tokens/s of one repeat: all its prompts' tokens over all their generation time."""
+    return sum(r.tokens for r in runs) / sum(r.seconds for r in runs)
+
+
+def _pooled_stats(stats: List[SpeculativeStats]) -> SpeculativeStats:
+    """The API's counts summed over runs, so the rates weigh every round alike."""
+    k = stats[0].num_draft_tokens
+    pooled = SpeculativeStats(num_draft_tokens=k, accepted_by_position=[0] * k, drafted_by_position=[0] * k)
+    for s in stats:
+        pooled.rounds += s.rounds
+        pooled.drafted_tokens += s.drafted_tokens
+        pooled.accepted_tokens += s.accepted_tokens
+        pooled.fallback_rounds += s.fallback_rounds
+        pooled.generation_tokens += s.generation_tokens
+        pooled.accepted_by_position = [a + b for a, b in zip(pooled.accepted_by_position, s.accepted_by_position)]
+        pooled.drafted_by_position = [a + b for a, b in zip(pooled.drafted_by_position, s.drafted_by_position)]
+    return pooled
+
+
+def _summarise(config: Config, repeats: List[List[Run]], costs: dict) -> dict:
+    by_repeat = [_tokens_per_s(runs) for runs in repeats]
+    every_run = [r for runs in repeats for r in runs]
+    result = dict(
+        name=config.name,
+        kind=config.kind,
+        k=config.k,
+        temp=config.temp,
+        tokens_per_s=statistics.median(by_repeat),
+        tokens_per_s_by_repeat=by_repeat,
+        generation_tokens_by_repeat=[sum(r.tokens for r in runs) for runs in repeats],
+        ratio=None,
+        mean_accepted_length=None,
+        acceptance_by_position=None,
+        rejection_rate=None,
+        fallback_rate=None,
+        peak_memory_gb=max(r.peak_memory_gb for r in every_run),
+        round_cost=None,
+        predicted_speedup=None,
+        measured_over_predicted=None,
+    )
+    if config.kind != "mlx-lm":
+        stats = _pooled_stats([r.stats for r in every_run])
+        result.update(mean_accepted_length=stats.mean_accepted_length,
+                      acceptance_by_position=stats.acceptance_by_position,
+                      rejection_rate=stats.rejection_rate, fallback_rate=stats.fallback_rate)
+    if config.kind == "speculative":
+        round_cost = costs["v"][str(config.k)] + config.k * costs["c"]
+        result.update(round_cost=round_cost, predicted_speedup=result["mean_accepted_length"] / round_cost)
+    return result
+
+
+def measure_costs(target, drafter, prompt: List[int], ks: Sequence[int], iters: int = 20) -> dict:
+    """Step costs on a real cache state (the prompt prefilled), median of `iters` timings.
+
+    decode: one target forward of one token; verify(k): of k + 1 tokens; draft step: one
+    greedy drafter step reading the target's K/V. The cache is rolled back after each
+    timed forward, so every timing starts from the same state.
+    """
+    cache = target.make_cache(max(ks))
+    logits, hidden = target(mx.array(prompt)[None], cache)
+    token = mx.argmax(logits[0, -1:], axis=-1)  # [1]
+    hidden = hidden[:, -1:]  # [1, 1, hidden]
+    mx.eval(token, hidden, [c.state for c in cache])
+    position = len(prompt)
+
+    def forward(n: int) -> float:
+        inputs = mx.repeat(token, n)[None]  # [1, n]
+
+        def step():
+            mx.eval(target(inputs, cache))
+
+        return _median_seconds(step, iters, after=lambda: rollback_cache(cache, position))
+
+    def draft_step():
+        drafts, _ = drafter.draft(target.embed, token, hidden, position, target.drafter_kv(cache), 1)
+        mx.eval(drafts)
+
+    decode = forward(1)
+    verify = {str(k): forward(k + 1) for k in ks}
+    draft = _median_seconds(draft_step, iters)
+    return dict(
+        decode_ms=decode * 1e3,
+        draft_step_ms=draft * 1e3,
+        verify_ms={k: t * 1e3 for k, t in verify.items()},
+        c=draft / decode,
+        v={k: t / decode for k, t in verify.items()},
+    )
+
+
+def _median_seconds(fn: Callable[[], None], iters: int, after: Callable[[], None] = lambda: None) -> float:
+    times = []
+    for i in range(TIMING_WARMUP + iters):
+        tic = time.perf_counter()
+        fn()
+        if i >= TIMING_WARMUP:
+            times.append(time.perf_counter() - tic)
+        after()
+    return statistics.median(times)
+
+
+def machine_info() -> dict:
+    return dict(
+        platform=platform.platform(),
+        processor=_processor(),
+        machine=platform.machine(),
+        cpu_count=os.cpu_count(),
+        python=platform.python_version(),
+        mlx=mx.__version__,
+        mlx_lm=mlx_lm.__version__,
+        device=str(mx.default_device()),
+        blas=blas_info(),
+    )
+
+
+def _processor() -> str:
+    name = platform.processor()
+    if name and name not in ("x86_64", "arm", "i386"):
+        return name
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return name or platform.machine()
+
+
+def blas_info() -> dict:
+    """Which BLAS MLX's CPU backend uses: on Linux, OpenBLAS if it is loaded into this
+    process (normally by LD_PRELOAD), else MLX's bundled reference BLAS."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    if sys.platform == "darwin":
+        return dict(name="Accelerate", library=None, ld_preload=preload or None)
+    try:
+        with open("/proc/self/maps") as f:
+            loaded = sorted({line.split()[-1] for line in f if "libopenblas" in line})
+    except OSError:
+        loaded = []
+    if loaded:
+        how = "LD_PRELOAD" if "openblas" in preload else "linked"
+        return dict(name=f"OpenBLAS ({how})", library=loaded[0], ld_preload=preload or None)
+    return dict(name="MLX bundled reference BLAS (no OpenBLAS loaded)", library=None, ld_preload=preload or None)
+
+
+def command_line() -> str:
+    words = [Path(sys.argv[0]).name] + sys.argv[1:]
+    preload = os.environ.get("LD_PRELOAD")
+    return (f"LD_PRELOAD={shlex.quote(preload)} " if preload else "") + " ".join(map(shlex.quote, words))
+
+
+def describe_model(module, args, model_type: str, name: Optional[str]) -> dict:
+    """`args`: the model's gemma4_text ModelArgs."""
+    params = tree_flatten(module.parameters())
+    return dict(
+        name=name,
+        model_type=model_type,
+        layers=args.num_hidden_layers,
+        hidden_size=args.hidden_size,
+        parameters=sum(v.size for _, v in params),
+        dtypes=sorted({str(v.dtype).replace("mlx.core.", "") for _, v in params}),
+    )
+
+
+def best_k(result: dict, temp: float = 0.0) -> dict:
+    """The speculative configuration with the highest tokens/s at `temp`."""
+    candidates = [r for r in result["configs"] if r["kind"] == "speculative" and r["temp"] == temp]
+    if not candidates:
+        measured = sorted({r["temp"] for r in result["configs"]})
+        raise ValueError(f"no speculative run at temp {temp:g}; measured temps: {measured}")
+    return max(candidates, key=lambda r: r["tokens_per_s"])
+
+
+def tune(model, tokenizer, draft_model, prompts, *, temp: float = 0.0, **options) -> Tuple[int, dict]:
+    """Benchmark at one temperature and return (the fastest k, the benchmark result).
+
+    `options` are `run_benchmark`'s (ks, max_tokens, repeats, seed, ...).
+    """
+    result = run_benchmark(model, tokenizer, draft_model, prompts, temps=(temp,), **options)
+    return best_k(result, temp)["k"], result
+
+
+def describe_best(best: dict) -> str:
+    verdict = "" if best["ratio"] > 1 else "; speculation does not pay here, decode without the drafter"
+    return (f"best k at temp {best['temp']:g}: {best['k']} ({best['tokens_per_s']:.1f} tokens/s, "
+            f"{best['ratio']:.2f}x plain decoding){verdict}")
+
+
+def _number(value: Optional[float], digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(result: dict) -> str:
+    lines = [
+        "| config | tokens/s | ratio | mean accepted length | acceptance by position | predicted speedup "
+        "| measured/predicted |",
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in result["configs"]:
+        by_position = " ".join(f"{a:.2f}" for a in r["acceptance_by_position"] or []) or "-"
+        lines.append(
+            f"| {r['name']} | {r['tokens_per_s']:.1f} | {_number(r['ratio'])} | {_number(r['mean_accepted_length'])} "
+            f"| {by_position} | {_number(r['predicted_speedup'])} | {_number(r['measured_over_predicted'])} |"
+        )
+    return "\n".join(lines)
+
+
+def _describe(model: dict) -> str:
+    return (f"{model['name'] or '(unnamed)'}: {model['model_type']}, {model['layers']} layers, "
+            f"hidden {model['hidden_size']}, {model['parameters'] / 1e6:.2f}M stored parameters "
+            f"({', '.join(model['dtypes'])})")
+
+
+def markdown_report(result: dict) -> str:
+    m, s, costs = result["machine"], result["settings"], result["costs"]
+    verify = ", ".join(f"k={k} {v:.2f}" for k, v in costs["v"].items())
+    lines = [
+        "# gemma-mtp bench",
+        "",
+        f"- machine: {m['platform']}, {m['processor']}, {m['cpu_count']} CPUs; "
+        f"mlx {m['mlx']} on {m['device']}, mlx-lm {m['mlx_lm']}",
+        f"- BLAS: {m['blas']['name']}" + (f" `{m['blas']['library']}`" if m["blas"]["library"] else ""),
+        f"- model: {_describe(result['model'])}",
+        f"- drafter: {_describe(result['draft_model'])}",
+        f"- command: `{result['command']}`",
+        f"- {s['prompts']} prompts ({', '.join(map(str, s['prompt_tokens']))} tokens), max tokens {s['max_tokens']}, "
+        f"{s['repeats']} interleaved repeats (median), seed {s['seed']}",
+        f"- step costs: target decode {costs['decode_ms']:.2f} ms, drafter step {costs['draft_step_ms']:.2f} ms "
+        f"(c = {costs['c']:.3f}); verify k+1 tokens relative to one decode, v(k): {verify}",
+        "",
+        "ratio: tokens/s over plain decoding (our API) at the same temp. predicted speedup: mean accepted "
+        "length / (v(k) + k c). Absolute tokens/s compare only on the same machine.",
+        "",
+        markdown_table(result),
+    ]
+    if result.get("best"):
+        lines += ["", describe_best(result["best"])]
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(result: dict, out_dir) -> Tuple[Path, Path]:
+    """Write `bench.json` (everything) and `bench.md` (the table) into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "bench.json", out / "bench.md"
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    md_path.write_text(markdown_report(result))
+    return json_path, md_path
+
+
+def _int_list(text: str) -> Tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4, got {text!r}")
+
+
+def _float_list(text: str) -> Tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0,0.7, got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="target: local directory (a converted pair brings its drafter) or Hub repo id")
+    parser.add_argument("--draft-model", default=None,
+                        help="gemma4_assistant drafter: directory or Hub repo id (default: the pair's own)")
+    parser.add_argument("--prompts", default=None, metavar="FILE",
+                        help="one prompt per line, each wrapped in the chat template when the tokenizer has "
+                             f"one (default: {len(DEFAULT_PROMPTS)} built-in prompts)")
+    parser.add_argument("--ks", type=_int_list, default=",".join(map(str, DEFAULT_KS)),
+                        help="draft lengths to measure, comma-separated (default: %(default)s)")
+    parser.add_argument("--temps", type=_float_list, default=",".join(map(str, DEFAULT_TEMPS)),
+                        help="temperatures to measure, comma-separated; 0 is greedy (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=128,
+                        help="most tokens generated per prompt and run (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved repeats; tokens/s is their median (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed of the sampled runs (default: %(default)s)")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help="directory for bench.json and bench.md (default: %(default)s)")
+    parser.add_argument("--auto", action="store_true",
+                        help="also pick and print the k with the highest tokens/s at the first --temps value "
+                             "(default: %(default)s)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors (default: %(default)s)")
+
+
+def read_prompts(path) -> List[str]:
+    lines = [line.strip() for line in Path(path).read_text().splitlines()]
+    prompts = [line for line in lines if line]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts: write one prompt per line")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> None:
+    """Benchmark as `args` say, write the reports, print the table (and the best k with --auto)."""
+    texts = read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
+    model, tokenizer, drafter = load(args.model, args.draft_model)
+    if drafter is None:
+        raise ValueError(f"{args.model} has no drafter: pass --draft-model (its gemma4_assistant checkpoint)")
+    blas = blas_info()
+    if sys.platform == "linux" and mx.default_device() == mx.cpu and "OpenBLAS" not in blas["name"]:
+        print("gemma-mtp bench: MLX's CPU backend is using its reference BLAS, which makes every verify cost "
+              "(k+1)x a decode step; see bench/README.md for the OpenBLAS LD_PRELOAD", file=sys.stderr)
+    result = run_benchmark(
+        model, tokenizer, drafter, [chat_prompt(tokenizer, t) for t in texts],
+        ks=args.ks, temps=args.temps, max_tokens=args.max_tokens, repeats=args.repeats, seed=args.seed,
+        model_name=args.model, draft_model_name=args.draft_model or "(the pair's drafter)",
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    if args.auto:
+        result["best"] = best_k(result, args.temps[0])
+    json_path, md_path = write_reports(result, args.out)
+    print(markdown_table(result))
+    print(f"wrote {json_path} and {md_path}")
+    if args.auto:
+        print(describe_best(result["best"]))
