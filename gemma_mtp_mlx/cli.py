@@ -24,13 +24,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-model", default=None, help="gemma4_assistant drafter: directory or Hub repo id")
     parser.add_argument("--no-draft", action="store_true", help="plain target decoding, for comparison")
     parser.add_argument("--num-draft-tokens", type=int, default=None,
-                        help="tokens drafted per round (default: the drafter's num_assistant_tokens, else 4)")
+                        help="tokens drafted per round; unset: the drafter's num_assistant_tokens, else 4")
     parser.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate per reply")
     parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 disables")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 disables")
     parser.add_argument("--min-p", type=float, default=0.0, help="min-p filter; 0 disables")
-    parser.add_argument("--repetition-penalty", type=float, default=None, help="e.g. 1.1; none by default")
+    parser.add_argument("--repetition-penalty", type=float, default=None, help="penalise repeated tokens, e.g. 1.1; unset: no penalty")
     parser.add_argument("--draft-mode", choices=DRAFT_MODES, default="sampled",
                         help="how the drafter proposes tokens when sampling (temp > 0)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                                formatter_class=HELP_FORMAT)
     add_model_options(chat)
     chat.add_argument("--max-context", type=int, default=None,
-                      help="most tokens the conversation may hold (default: the model's maximum)")
+                      help="most tokens the conversation may hold; unset: the model's maximum")
     chat.set_defaults(run=run_chat)
 
     conv = commands.add_parser("convert", help="convert (and quantize) a Hugging Face pair to MLX")
