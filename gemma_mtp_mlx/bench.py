@@ -317,7 +317,8 @@ def blas_info() -> dict:
 
 
 def command_line() -> str:
-    words = [Path(sys.argv[0]).name] + sys.argv[1:]
+    program = Path(sys.argv[0]).name
+    words = ["gemma-mtp" if program in ("__main__.py", "gemma-mtp") else program] + sys.argv[1:]
     preload = os.environ.get("LD_PRELOAD")
     return (f"LD_PRELOAD={shlex.quote(preload)} " if preload else "") + " ".join(map(shlex.quote, words))
 
