@@ -15,6 +15,11 @@ from .sampling import Sampling
 from .target import Target
 
 
+# Rounds are built and run on their own stream, so queuing the next one does not wait on
+# work the caller puts on the default stream (as mlx-lm's generate_step does).
+GENERATION_STREAM = mx.new_stream(mx.default_device())
+
+
 @dataclass
 class Round:
     """What one round proposed and kept."""
@@ -74,6 +79,10 @@ def generate_rounds(
         return sample
 
     def schedule(token, hidden, position, history):
+        with mx.stream(GENERATION_STREAM):
+            return build_round(token, hidden, position, history)
+
+    def build_round(token, hidden, position, history):
         drafts, draft_logprobs = mx.array([], dtype=mx.uint32), None
         if k:
             sample = draft_sampler(history) if sampled_drafts else None
@@ -103,7 +112,8 @@ def generate_rounds(
             emitted = drafted[:n] + [choices.tolist()[n]]
             logprobs = draft_lp.reshape(-1).tolist()[:n] + [choice_lp.reshape(-1).tolist()[n]]
             round_ = Round(position, drafted, n, emitted, logprobs)
-            history = mx.concatenate([history, token, drafts[:n].astype(token.dtype)])
+            if sampling.logits_processors:  # only they read the history
+                history = mx.concatenate([history, token, drafts[:n].astype(token.dtype)])
             token, hidden, position = choices[n : n + 1], hiddens[:, n : n + 1], position + n + 1
             pending = schedule(token, hidden, position, history)
             yield round_
