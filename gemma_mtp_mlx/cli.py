@@ -165,9 +165,11 @@ class Conversation:
     it was EOS) is prefilled. Otherwise the cache starts over.
     """
 
-    def __init__(self, model, tokenizer, args):
-        self.model, self.tokenizer, self.args = model, tokenizer, args
+    def __init__(self, model, tokenizer, drafter, args):
+        self.model, self.tokenizer, self.drafter, self.args = model, tokenizer, drafter, args
         self.limit = args.max_context or model.args.max_position_embeddings
+        default_k = drafter.default_num_draft_tokens if drafter is not None else 0
+        self.num_draft_tokens = args.num_draft_tokens or default_k
         self.reset()
 
     def reset(self):
@@ -176,7 +178,7 @@ class Conversation:
         self.forget_cache()
 
     def forget_cache(self):
-        self.cache = make_prompt_cache(self.model, max(self.args.num_draft_tokens or 0, 16))
+        self.cache = make_prompt_cache(self.model, self.num_draft_tokens)
         self.cached_prompt = None  # the rendered text of the last turn's prompt ...
         self.cached_reply = ""  # ... and its reply: the cache holds both (less `carry`)
         self.carry: List[int] = []  # the reply's newest token: handed out, not yet cached
@@ -198,14 +200,14 @@ class Conversation:
         self.forget_cache()
         return rendered, self.tokenizer.encode(rendered, add_special_tokens=False)
 
-    def reply(self, text: str, drafter, out):
+    def reply(self, text: str, out):
         messages = self.messages + [{"role": "user", "content": text}]
         rendered, prompt = self.prompt_for(messages)
         if self.cache[0].offset + len(prompt) + self.args.max_tokens > self.limit:
             raise ValueError(f"the conversation would pass the context limit of {self.limit} tokens: "
                              "/reset to start over")
         pieces, generated = [], []
-        stream = stream_generate(self.model, self.tokenizer, prompt, draft_model=drafter,
+        stream = stream_generate(self.model, self.tokenizer, prompt, draft_model=self.drafter,
                                  prompt_cache=self.cache, seed=self.args.seed,
                                  **generation_options(self.args))
         try:
@@ -218,19 +220,19 @@ class Conversation:
             print("\n[interrupted]", end="", file=out)
         finally:
             stream.close()  # rolls the cache back to what was handed out
-            reply = "".join(pieces)
-            self.messages = messages + [{"role": "assistant", "content": reply}]
             if generated:
+                reply = "".join(pieces)
+                self.messages = messages + [{"role": "assistant", "content": reply}]
                 self.cached_prompt, self.cached_reply = rendered, reply
                 self.carry = [] if generated[-1] in self.tokenizer.eos_token_ids else generated[-1:]
-            else:  # stopped during the prefill: the cache holds an unknown part of it
+            else:  # stopped during the prefill: the turn did not happen, the cache is unknown
                 self.forget_cache()
         print(file=out)
 
 
 def run_chat(args) -> None:
     model, tokenizer, drafter = load_pair(args)
-    conversation = Conversation(model, tokenizer, args)
+    conversation = Conversation(model, tokenizer, drafter, args)
     print(f"chat with {args.model} ({'speculative' if drafter else 'plain'} decoding). {CHAT_HELP}")
     while True:
         try:
@@ -253,7 +255,7 @@ def run_chat(args) -> None:
             print(format_stats(conversation.stats) if conversation.stats else "[no reply yet]")
         elif command:
             try:
-                conversation.reply(text, drafter, sys.stdout)
+                conversation.reply(text, sys.stdout)
             except ValueError as e:
                 print(f"[{e}]")
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable, Generator, List, Optional, Union
 
 import mlx.core as mx
+from mlx_lm.models.cache import KVCache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cache import SlidingKVCache, rollback_cache, rollback_needed
@@ -158,6 +159,11 @@ def _draft_length(target: Target, draft_model, num_draft_tokens: Optional[int]) 
 
 
 def _check_rollback_room(cache: List, k: int) -> None:
+    if not all(isinstance(c, (KVCache, SlidingKVCache)) for c in cache):
+        raise ValueError(
+            "prompt_cache must come from gemma_mtp_mlx.make_prompt_cache "
+            "(mlx-lm's rotating cache cannot roll back rejected drafts)"
+        )
     reserved = min((c.rollback for c in cache if isinstance(c, SlidingKVCache)), default=None)
     if reserved is not None and reserved < rollback_needed(k):
         raise ValueError(
@@ -192,7 +198,8 @@ def stream_generate(
     With `draft_model` the target verifies the drafter's proposals (output identical to
     the target alone); without it this is plain target decoding through the same loop.
     `prompt_cache` (from `make_prompt_cache`) keeps K/V across calls: pass only the new
-    tokens then. Sampling options are mlx-lm's (`temp=0` is greedy); speculative sampling
+    tokens then (if a call stops before its first token, the cache may hold part of its
+    prompt: make a new one). Sampling options are mlx-lm's (`temp=0` is greedy); speculative sampling
     keeps the target's distribution exactly. `draft_mode` is "sampled" (drafts drawn from
     the drafter's distribution) or "greedy" (its argmax). `seed` makes a run reproducible.
     """

@@ -153,3 +153,12 @@ def test_prompt_cache_too_small_for_the_draft_length_is_a_clear_error(mlx_pairs)
     cache = make_prompt_cache(target, num_draft_tokens=2)
     with pytest.raises(ValueError, match="make_prompt_cache\\(model, num_draft_tokens=6\\)"):
         list(stream_generate(target, tokenizer, [5, 6], draft_model=drafter, num_draft_tokens=6, prompt_cache=cache))
+
+
+def test_a_prompt_cache_from_mlx_lm_is_refused(mlx_pairs):
+    from mlx_lm.models.cache import make_prompt_cache as mlx_lm_prompt_cache
+
+    target, tokenizer, drafter = mlx_pairs["e2b"]
+    with pytest.raises(ValueError, match="must come from gemma_mtp_mlx.make_prompt_cache"):
+        list(stream_generate(target, tokenizer, [5, 6], draft_model=drafter,
+                             prompt_cache=mlx_lm_prompt_cache(target.model)))
