@@ -3,22 +3,11 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.models.cache import KVCache
 
+from conftest import full_length_state
 from hf_reference import hf_draft_step
 
 WINDOW = 16
-
-
-def full_length_kv(target, ids):
-    """The producers' K/V for every position of `ids` (plain caches that never drop)."""
-    num_kv_layers = target.args.num_hidden_layers - target.args.num_kv_shared_layers
-    cache = [KVCache() for _ in range(num_kv_layers)]
-    target(mx.array([ids]), cache)
-    return {
-        layer_type: tuple(np.array(a) for a in cache[i].keys_and_values())
-        for layer_type, i in target.producers.items()
-    }
 
 
 @pytest.mark.parametrize("pair", ["e2b", "dense"])  # centroid head, dense head
@@ -31,7 +20,7 @@ def test_three_draft_steps_match_transformers(pair, length, mlx_pairs, hf_assist
     cache = target.make_cache(4)
     logits, hidden = target(mx.array([ids]), cache)
     shared_kv = target.drafter_kv(cache)
-    reference_kv = full_length_kv(target, ids)
+    reference_kv, _ = full_length_state(target, ids)
     token = mx.argmax(logits[0, -1], keepdims=True)
     ours_hidden = hidden[:, -1:]
     ref_hidden = np.array(ours_hidden).reshape(-1)

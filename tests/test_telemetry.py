@@ -3,9 +3,8 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.models.cache import KVCache
 
-from conftest import PAIRS
+from conftest import PAIRS, full_length_state
 from hf_reference import hf_draft_step
 from gemma_mtp_mlx import stream_generate
 
@@ -46,17 +45,8 @@ def test_round_log_is_consistent_with_output_and_rates(name, k, mlx_pairs):
         assert "rounds_log" not in plain_stats.to_dict()
 
 
-def verified_state(target, sequence, position):
-    """The producers' K/V for positions < `position` and the hidden state at position - 1."""
-    num_kv_layers = target.args.num_hidden_layers - target.args.num_kv_shared_layers
-    cache = [KVCache() for _ in range(num_kv_layers)]
-    _, hidden = target(mx.array([sequence[:position]]), cache)
-    kv = {t: tuple(np.array(a) for a in cache[i].keys_and_values()) for t, i in target.producers.items()}
-    return kv, np.array(hidden[0, -1])
-
-
 def transformers_drafts(target, assistant, sequence, position, k):
-    kv, hidden = verified_state(target, sequence, position)
+    kv, hidden = full_length_state(target, sequence[:position])
     token, drafts = sequence[position], []
     for _ in range(k):
         embedding = np.array(target.embed(mx.array([token]))).reshape(-1)
