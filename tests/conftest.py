@@ -101,11 +101,16 @@ def hf_assistants(pairs):
     return {name: load_hf_assistant(assistant) for name, (_, assistant) in pairs.items()}
 
 
+def full_length_cache(target):
+    """Plain mlx-lm caches, one per K/V-computing layer, that keep every position."""
+    return [KVCache() for _ in range(target.args.num_hidden_layers - target.args.num_kv_shared_layers)]
+
+
 def full_length_state(target, ids):
     """The target's producer K/V for every position of `ids` (plain caches that never drop),
     as numpy {layer_type: (keys, values)}, and its final-norm hidden state at the last one:
     the verified state the transformers assistant is fed."""
-    cache = [KVCache() for _ in range(target.args.num_hidden_layers - target.args.num_kv_shared_layers)]
+    cache = full_length_cache(target)
     _, hidden = target(mx.array([ids]), cache)
     kv = {t: tuple(np.array(a) for a in cache[i].keys_and_values()) for t, i in target.producers.items()}
     return kv, np.array(hidden[0, -1])

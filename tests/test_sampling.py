@@ -18,6 +18,7 @@ import pytest
 from mlx_lm.models.cache import KVCache
 from mlx_lm.sample_utils import make_logits_processors
 
+from conftest import full_length_cache
 from gemma_mtp_mlx import stream_generate
 from gemma_mtp_mlx.sampling import Sampling
 
@@ -50,8 +51,7 @@ class PromptState:
 
     def __init__(self, target):
         self.target = target
-        num_kv_layers = target.args.num_hidden_layers - target.args.num_kv_shared_layers
-        self.cache = [KVCache() for _ in range(num_kv_layers)]
+        self.cache = full_length_cache(target)
         self.logits, self.hidden = target(mx.array([PROMPT]), self.cache)
 
     def copies(self, n: int):
