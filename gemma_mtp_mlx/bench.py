@@ -30,7 +30,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 
 from .cache import rollback_cache
-from .generate import SpeculativeStats, chat_prompt, encode_prompt, load, stream_generate
+from .generate import DEFAULT_PROMPTS_FILE, SpeculativeStats, chat_prompt, encode_prompt, load, stream_generate
 from .target import Target
 
 DEFAULT_KS = (1, 2, 3, 4, 6, 8)
@@ -437,13 +437,15 @@ def _float_list(text: str) -> Tuple[float, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="target: local directory (a converted pair brings its drafter) or Hub repo id")
+    parser.add_argument("--model", default=None,
+                        help="target: local directory (a converted pair brings its drafter) or Hub repo id "
+                             "(default: the pair that ships with the package)")
     parser.add_argument("--draft-model", default=None,
                         help="gemma4_assistant drafter: directory or Hub repo id (default: the pair's own)")
     parser.add_argument("--prompts", default=None, metavar="FILE",
                         help="one prompt per line, each wrapped in the chat template when the tokenizer has "
-                             f"one (default: {len(DEFAULT_PROMPTS)} built-in prompts)")
+                             "one; in a .jsonl file each line is a JSON string (default: the default model's "
+                             f"held-out code prompts, else {len(DEFAULT_PROMPTS)} built-in prompts)")
     parser.add_argument("--ks", type=_int_list, default=",".join(map(str, DEFAULT_KS)),
                         help="draft lengths to measure, comma-separated (default: %(default)s)")
     parser.add_argument("--temps", type=_float_list, default=",".join(map(str, DEFAULT_TEMPS)),
@@ -463,8 +465,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_prompts(path) -> List[str]:
-    lines = [line.strip() for line in Path(path).read_text().splitlines()]
+    """Prompts from a file: one per line, or one JSON string per line in a .jsonl file."""
+    path = Path(path)
+    lines = [line.strip() for line in path.read_text().splitlines()]
     prompts = [line for line in lines if line]
+    if path.suffix == ".jsonl":
+        try:
+            prompts = [json.loads(line) for line in prompts]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {e.lineno} is not JSON; a .jsonl file holds one JSON string per line")
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"{path}: every line must be a JSON string")
     if not prompts:
         raise ValueError(f"{path} holds no prompts: write one prompt per line")
     return prompts
@@ -472,7 +483,10 @@ def read_prompts(path) -> List[str]:
 
 def run(args: argparse.Namespace) -> None:
     """Benchmark as `args` say, write the reports, print the table (and the best k with --auto)."""
-    texts = read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
+    if args.prompts:
+        texts = read_prompts(args.prompts)
+    else:
+        texts = read_prompts(DEFAULT_PROMPTS_FILE) if args.model is None else DEFAULT_PROMPTS
     model, tokenizer, drafter = load(args.model, args.draft_model)
     if drafter is None:
         raise ValueError(f"{args.model} has no drafter: pass --draft-model (its gemma4_assistant checkpoint)")
@@ -483,7 +497,8 @@ def run(args: argparse.Namespace) -> None:
     result = run_benchmark(
         model, tokenizer, drafter, [chat_prompt(tokenizer, t) for t in texts],
         ks=args.ks, temps=args.temps, max_tokens=args.max_tokens, repeats=args.repeats, seed=args.seed,
-        model_name=args.model, draft_model_name=args.draft_model or "(the pair's drafter)",
+        model_name=args.model or "(default) gemma-4-tiny-python",
+        draft_model_name=args.draft_model or "(the pair's drafter)",
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     if args.auto:

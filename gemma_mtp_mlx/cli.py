@@ -19,8 +19,9 @@ HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="target: local directory (a converted pair brings its drafter) or Hub repo id")
+    parser.add_argument("--model", default=None,
+                        help="target: local directory (a converted pair brings its drafter) or Hub repo id; "
+                             "unset: the tiny Python-code pair that ships with the package")
     parser.add_argument("--draft-model", default=None, help="gemma4_assistant drafter: directory or Hub repo id")
     parser.add_argument("--no-draft", action="store_true", help="plain target decoding, for comparison")
     parser.add_argument("--num-draft-tokens", type=int, default=None,
@@ -232,8 +233,12 @@ class Conversation:
 
 def run_chat(args) -> None:
     model, tokenizer, drafter = load_pair(args)
+    name = args.model or "the default model"
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"{name} has no chat template, so it cannot chat (the default model completes "
+                         "Python code): use `gemma-mtp generate --prompt ...`, or --model an instruction-tuned Gemma 4")
     conversation = Conversation(model, tokenizer, drafter, args)
-    print(f"chat with {args.model} ({'speculative' if drafter else 'plain'} decoding). {CHAT_HELP}")
+    print(f"chat with {name} ({'speculative' if drafter else 'plain'} decoding). {CHAT_HELP}")
     while True:
         try:
             text = input(">> ")

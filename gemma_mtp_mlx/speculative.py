@@ -106,16 +106,26 @@ def generate_rounds(
         while True:
             drafts, accepted, choices, hiddens, draft_lp, choice_lp = pending
             pending = None
+            if not k:
+                # Plain decoding keeps every round's one token, so the next round does not
+                # depend on this one's outcome: queue it before waiting (as mlx-lm does),
+                # and the device never idles while the host builds a graph.
+                if sampling.logits_processors:
+                    history = mx.concatenate([history, token])
+                token = choices
+                pending = schedule(token, hiddens, position + 1, history)
             n = accepted.item()  # the round's one wait; the rest is already computed
             drafted = drafts.tolist()
-            rollback_cache(cache, position + n + 1)
             emitted = drafted[:n] + [choices.tolist()[n]]
             logprobs = draft_lp.reshape(-1).tolist()[:n] + [choice_lp.reshape(-1).tolist()[n]]
             round_ = Round(position, drafted, n, emitted, logprobs)
-            if sampling.logits_processors:  # only they read the history
-                history = mx.concatenate([history, token, drafts[:n].astype(token.dtype)])
-            token, hidden, position = choices[n : n + 1], hiddens[:, n : n + 1], position + n + 1
-            pending = schedule(token, hidden, position, history)
+            if k:
+                rollback_cache(cache, position + n + 1)
+                if sampling.logits_processors:  # only they read the history
+                    history = mx.concatenate([history, token, drafts[:n].astype(token.dtype)])
+                token, hidden = choices[n : n + 1], hiddens[:, n : n + 1]
+                pending = schedule(token, hidden, position + n + 1, history)
+            position += n + 1
             yield round_
     finally:
         if pending is not None:  # the caller stopped: drop the round still in flight

@@ -1,0 +1,613 @@
+"""Train the default pair that ships with the package: a tiny Gemma 4 code model and its MTP drafter.
+
+Everything comes from this machine's Python standard library sources (no download):
+
+1. ``tokenizer``: a SentencePiece BPE tokenizer (4,096 pieces, byte fallback, Gemma's
+   special ids), shipped both as ``tokenizer.model`` and as the Hugging Face
+   ``tokenizer.json`` that mlx-lm loads. Training data is tokenized with the latter, so
+   training and inference split text identically.
+2. ``target``: a 20-layer, 128-wide Gemma 4 text model (transformers'
+   ``Gemma4ForCausalLM``): sliding and full attention layers with a full last layer,
+   the last 8 layers KV-shared, logit softcap 30. Trained with next-token cross-entropy.
+3. ``drafter``: a 2-layer ``gemma4_assistant`` (transformers'
+   ``Gemma4AssistantForCausalLM``) with a centroid head, trained like Google's drafters:
+   from the frozen target's final-norm hidden states and its shared K/V, unrolled for
+   ``draft_steps`` steps at the fixed position P, to match the target's next-token
+   distribution (KL) and the target's probability mass per centroid (cross-entropy).
+   Tokens are grouped into centroids by a balanced k-means over the target's embeddings.
+4. ``evaluate``: held-out greedy mean accepted length at k=4 through this package's MLX
+   runtime.
+
+Every stage is deterministic given ``--seed`` (fixed data order, seeded initialisation,
+2 torch threads); its settings, the corpus digest, losses and timings are recorded in
+``training.json`` next to the checkpoints. ``--stage all`` runs the four stages (about
+45 minutes on a 2-core CPU) and writes the result into ``gemma_mtp_mlx/models/``.
+
+Usage: python scripts/train_default_pair.py [--stage all|tokenizer|target|drafter|evaluate]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+from tokenizers import processors
+from tokenizers.models import BPE
+from transformers import (
+    Gemma4AssistantConfig,
+    Gemma4AssistantForCausalLM,
+    Gemma4ForCausalLM,
+    Gemma4TextConfig,
+    GemmaTokenizer,
+    GenerationConfig,
+)
+from transformers.convert_slow_tokenizer import SentencePieceExtractor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_fixtures import (  # noqa: E402  (a sibling script, not a package)
+    FULL,
+    ROPE_PARAMETERS,
+    SLIDING,
+    all_shared_kv_sharing_patch,
+    rewrite_config_as_published,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS_DIR = REPO / "gemma_mtp_mlx" / "models"
+TARGET_NAME = "gemma-4-tiny-python"
+DRAFTER_NAME = "gemma-4-tiny-python-assistant"
+
+PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+
+SETTINGS = {
+    "seed": 0,
+    "torch_threads": 2,
+    "corpus": {
+        "source": "Python standard library sources (*.py), without test packages",
+        "held_out_every": 20,  # every 20th file (sorted by path) is held out
+        "held_out_offset": 7,
+    },
+    "tokenizer": {
+        "model_type": "bpe",
+        "vocab_size": 4096,
+        "byte_fallback": True,
+        "split_digits": True,
+        "add_dummy_prefix": False,
+        "remove_extra_whitespaces": False,
+        "allow_whitespace_only_pieces": True,
+        "user_defined_symbols": ["\n"],
+        "chunk_chars": 4000,
+    },
+    "target": {
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_hidden_layers": 20,
+        "full_attention_every": 5,  # layers 4, 9, 14, 19 are full attention (the last is)
+        "num_kv_shared_layers": 8,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "global_head_dim": 64,
+        "sliding_window": 128,
+        "final_logit_softcapping": 30.0,
+        "seq_len": 256,
+        "batch_size": 16,
+        "steps": 560,
+        "lr": 2e-3,
+        "min_lr_ratio": 0.1,
+        "warmup_steps": 50,
+        "weight_decay": 0.1,
+        "betas": [0.9, 0.95],
+        "grad_clip": 1.0,
+    },
+    "drafter": {
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_hidden_layers": 2,  # [sliding, full]
+        "num_attention_heads": 4,
+        "num_centroids": 128,
+        "centroid_intermediate_top_k": 8,
+        "kmeans_iters": 25,
+        "draft_steps": 4,
+        "num_assistant_tokens": 4,
+        "seq_len": 256,
+        "batch_size": 16,
+        "steps": 800,
+        "lr": 2e-3,
+        "min_lr_ratio": 0.1,
+        "warmup_steps": 30,
+        "weight_decay": 0.0,
+        "betas": [0.9, 0.95],
+        "grad_clip": 1.0,
+        "centroid_loss_weight": 1.0,
+    },
+    "evaluate": {"prompts": 24, "prompt_tokens": 64, "max_tokens": 128, "num_draft_tokens": 4},
+}
+
+
+# ---------------------------------------------------------------------------
+# Corpus
+
+
+def corpus_files() -> tuple[list[Path], list[Path], Path]:
+    """(training files, held-out files, stdlib root), both lists sorted by path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+    files = sorted(
+        p
+        for p in root.rglob("*.py")
+        if not any(part in skip or part.startswith("test_") for part in p.relative_to(root).parts)
+    )
+    every, offset = SETTINGS["corpus"]["held_out_every"], SETTINGS["corpus"]["held_out_offset"]
+    held_out = [p for i, p in enumerate(files) if i % every == offset]
+    train = [p for i, p in enumerate(files) if i % every != offset]
+    return train, held_out, root
+
+
+def read_source(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def corpus_digest(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# Stage 1: tokenizer
+
+
+def train_tokenizer(work: Path, log: dict) -> None:
+    settings = SETTINGS["tokenizer"]
+    train, held_out, root = corpus_files()
+    size = settings["chunk_chars"]
+    chunks = [text[i : i + size] for text in map(read_source, train) for i in range(0, len(text), size)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(chunks),
+        model_writer=model,
+        model_type=settings["model_type"],
+        vocab_size=settings["vocab_size"],
+        pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        byte_fallback=settings["byte_fallback"],
+        split_digits=settings["split_digits"],
+        add_dummy_prefix=settings["add_dummy_prefix"],
+        remove_extra_whitespaces=settings["remove_extra_whitespaces"],
+        allow_whitespace_only_pieces=settings["allow_whitespace_only_pieces"],
+        user_defined_symbols=settings["user_defined_symbols"],
+        normalization_rule_name="identity",
+        character_coverage=1.0,
+        max_sentence_length=4 * size,
+        num_threads=SETTINGS["torch_threads"],
+        minloglevel=2,
+    )
+    tokenizer_dir = work / "tokenizer"
+    tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    (tokenizer_dir / "tokenizer.model").write_bytes(model.getvalue())
+    hf = hf_tokenizer(tokenizer_dir / "tokenizer.model")
+    hf.save_pretrained(tokenizer_dir)
+
+    # The Hugging Face tokenizer must split text exactly as SentencePiece does.
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
+    mismatches = sum(
+        sp.encode(text) != hf(text, add_special_tokens=False).input_ids for text in map(read_source, held_out)
+    )
+    log["tokenizer"] = {
+        "python": platform.python_version(),
+        "stdlib": str(root),
+        "train_files": len(train),
+        "held_out_files": [str(p.relative_to(root)) for p in held_out],
+        "train_digest": corpus_digest(train),
+        "train_chars": sum(len(read_source(p)) for p in train),
+        "held_out_files_tokenized_differently_by_hf": mismatches,
+    }
+    if mismatches:
+        raise RuntimeError(f"tokenizer.json splits {mismatches} held-out files differently from SentencePiece")
+
+
+def hf_tokenizer(model_file: Path) -> GemmaTokenizer:
+    """The Hugging Face (tokenizers) form of the SentencePiece model, adding <bos> like Gemma's."""
+    extracted = SentencePieceExtractor(str(model_file)).extract(BPE)
+    tokenizer = GemmaTokenizer(
+        vocab=extracted["vocab"],
+        merges=extracted["merges"],
+        additional_special_tokens=extracted["additional_special_tokens"],
+    )
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", BOS_ID)]
+    )
+    return tokenizer
+
+
+def load_tokens(work: Path, files: list[Path]) -> np.ndarray:
+    """Every file tokenized and concatenated, each followed by <eos>: one int32 stream."""
+    tokenizer = GemmaTokenizer.from_pretrained(work / "tokenizer")
+    stream = []
+    for text in map(read_source, files):
+        stream.extend(tokenizer(text, add_special_tokens=False).input_ids)
+        stream.append(EOS_ID)
+    return np.asarray(stream, dtype=np.int32)
+
+
+# ---------------------------------------------------------------------------
+# Shared training pieces
+
+
+def batches(stream: np.ndarray, seq_len: int, batch_size: int, generator: torch.Generator):
+    """Endless batches of `<bos>` + `seq_len` tokens from random offsets of the stream."""
+    while True:
+        starts = torch.randint(0, len(stream) - seq_len, (batch_size,), generator=generator).numpy()
+        rows = np.stack([stream[s : s + seq_len] for s in starts])
+        bos = np.full((batch_size, 1), BOS_ID, dtype=np.int32)
+        yield torch.from_numpy(np.concatenate([bos, rows], axis=1)).long()
+
+
+def learning_rate(step: int, settings: dict) -> float:
+    warmup, total, peak = settings["warmup_steps"], settings["steps"], settings["lr"]
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    floor = settings["min_lr_ratio"]
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def optimizer(model: torch.nn.Module, settings: dict) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings["weight_decay"]}, {"params": other, "weight_decay": 0.0}],
+        lr=settings["lr"],
+        betas=tuple(settings["betas"]),
+    )
+
+
+def train_loop(name: str, model, settings: dict, stream: np.ndarray, loss_fn, log: dict) -> None:
+    opt = optimizer(model, settings)
+    generator = torch.Generator().manual_seed(SETTINGS["seed"] + 1)
+    data = batches(stream, settings["seq_len"], settings["batch_size"], generator)
+    losses, start = [], time.time()
+    for step in range(settings["steps"]):
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, settings)
+        loss = loss_fn(next(data))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 25 == 0 or step == settings["steps"] - 1:
+            recent = float(np.mean(losses[-25:]))
+            print(f"{name} step {step}/{settings['steps']} loss {recent:.3f} ({time.time() - start:.0f} s)", flush=True)
+    log[name] = {
+        "train_loss_first_25": float(np.mean(losses[:25])),
+        "train_loss_last_25": float(np.mean(losses[-25:])),
+        "train_tokens": settings["steps"] * settings["batch_size"] * settings["seq_len"],
+        "seconds": round(time.time() - start, 1),
+    }
+
+
+def save_checkpoint(model, out: Path, generation_config: GenerationConfig) -> None:
+    model.save_pretrained(out)
+    rewrite_config_as_published(out / "config.json")
+    generation_config.save_pretrained(out)
+
+
+def special_ids() -> dict:
+    return dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+
+
+# ---------------------------------------------------------------------------
+# Stage 2: target
+
+
+def target_config() -> Gemma4TextConfig:
+    s = SETTINGS["target"]
+    every = s["full_attention_every"]
+    layer_types = [FULL if i % every == every - 1 else SLIDING for i in range(s["num_hidden_layers"])]
+    if layer_types[-1] != FULL:
+        raise ValueError("Gemma 4's last layer is full attention")
+    return Gemma4TextConfig(
+        vocab_size=SETTINGS["tokenizer"]["vocab_size"],
+        hidden_size=s["hidden_size"],
+        intermediate_size=s["intermediate_size"],
+        num_hidden_layers=s["num_hidden_layers"],
+        layer_types=layer_types,
+        num_kv_shared_layers=s["num_kv_shared_layers"],
+        num_attention_heads=s["num_attention_heads"],
+        num_key_value_heads=s["num_key_value_heads"],
+        head_dim=s["head_dim"],
+        global_head_dim=s["global_head_dim"],
+        sliding_window=s["sliding_window"],
+        final_logit_softcapping=s["final_logit_softcapping"],
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=0,
+        use_double_wide_mlp=False,
+        attention_k_eq_v=False,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        rope_parameters=ROPE_PARAMETERS,
+        **special_ids(),
+    )
+
+
+def train_target(work: Path, log: dict) -> None:
+    torch.manual_seed(SETTINGS["seed"])
+    config = target_config()
+    config._attn_implementation = "sdpa"
+    model = Gemma4ForCausalLM(config).train()
+    train, _, _ = corpus_files()
+    stream = load_tokens(work, train)
+    log["target_data"] = {"train_tokens_in_corpus": int(len(stream))}
+
+    def loss_fn(batch):
+        # output_hidden_states sidesteps transformers 5.23 slicing per-layer inputs that
+        # this model (without per-layer embeddings) does not have.
+        return model(input_ids=batch, labels=batch, output_hidden_states=True).loss
+
+    train_loop("target", model, SETTINGS["target"], stream, loss_fn, log)
+    save_checkpoint(model.eval(), work / "target", GenerationConfig(**special_ids()))
+
+
+# ---------------------------------------------------------------------------
+# Stage 3: drafter
+
+
+def balanced_kmeans(vectors: np.ndarray, clusters: int, iters: int, seed: int) -> np.ndarray:
+    """Token ordering: ids grouped cluster by cluster, every cluster the same size."""
+    count = len(vectors)
+    per = count // clusters
+    rng = np.random.default_rng(seed)
+    x = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    centers = x[rng.choice(count, clusters, replace=False)]
+    for _ in range(iters):
+        assignment = balanced_assignment(x @ centers.T, per)
+        for c in range(clusters):
+            mean = x[assignment == c].mean(axis=0)
+            centers[c] = mean / np.linalg.norm(mean)
+    assignment = balanced_assignment(x @ centers.T, per)
+    return np.concatenate([np.flatnonzero(assignment == c) for c in range(clusters)]).astype(np.int64)
+
+
+def balanced_assignment(similarity: np.ndarray, per: int) -> np.ndarray:
+    """Greedy: the most similar (token, cluster) pairs first, each cluster taking `per` tokens."""
+    order = np.argsort(-similarity, axis=None, kind="stable")
+    tokens, clusters = np.unravel_index(order, similarity.shape)
+    assignment = np.full(similarity.shape[0], -1)
+    filled = np.zeros(similarity.shape[1], dtype=np.int64)
+    for token, cluster in zip(tokens, clusters):
+        if assignment[token] < 0 and filled[cluster] < per:
+            assignment[token] = cluster
+            filled[cluster] += 1
+    return assignment
+
+
+def drafter_config(target: Gemma4TextConfig) -> Gemma4AssistantConfig:
+    s = SETTINGS["drafter"]
+    layer_types = [SLIDING] * (s["num_hidden_layers"] - 1) + [FULL]
+    text = Gemma4TextConfig(
+        vocab_size=target.vocab_size,
+        hidden_size=s["hidden_size"],
+        intermediate_size=s["intermediate_size"],
+        num_hidden_layers=s["num_hidden_layers"],
+        layer_types=layer_types,
+        num_kv_shared_layers=s["num_hidden_layers"],
+        num_attention_heads=s["num_attention_heads"],
+        num_key_value_heads=SETTINGS["target"]["num_key_value_heads"],
+        head_dim=SETTINGS["target"]["head_dim"],
+        global_head_dim=SETTINGS["target"]["global_head_dim"],
+        sliding_window=target.sliding_window,
+        final_logit_softcapping=None,
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=0,
+        use_double_wide_mlp=False,
+        enable_moe_block=False,
+        attention_k_eq_v=False,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=target.max_position_embeddings,
+        tie_word_embeddings=True,
+        rope_parameters=ROPE_PARAMETERS,
+        **special_ids(),
+    )
+    return Gemma4AssistantConfig(
+        text_config=text,
+        backbone_hidden_size=target.hidden_size,
+        use_ordered_embeddings=True,
+        num_centroids=s["num_centroids"],
+        centroid_intermediate_top_k=s["centroid_intermediate_top_k"],
+        **special_ids(),
+    )
+
+
+def drafter_masks(seq_len: int, window: int) -> dict:
+    """Query i drafts at position P = i + 1 and sees the target's K/V at positions < P;
+    sliding layers only the last window + 1 of them (the assistant's inclusive window)."""
+    positions = torch.arange(1, seq_len)[:, None]
+    keys = torch.arange(seq_len)[None, :]
+    full = keys < positions
+    sliding = full & (keys >= positions - window - 1)
+    return {FULL: full[None, None], SLIDING: sliding[None, None]}
+
+
+def train_drafter(work: Path, log: dict) -> None:
+    s = SETTINGS["drafter"]
+    target = Gemma4ForCausalLM.from_pretrained(work / "target", dtype=torch.float32).eval()
+    target.config._attn_implementation = "sdpa"
+    for p in target.parameters():
+        p.requires_grad_(False)
+    t_config = target.config
+    torch.manual_seed(SETTINGS["seed"] + 2)
+    with all_shared_kv_sharing_patch():
+        config = drafter_config(t_config)
+        config.get_text_config()._attn_implementation = "sdpa"
+        drafter = Gemma4AssistantForCausalLM(config).train()
+
+    target_embedding = target.model.embed_tokens.weight.detach()
+    ordering = balanced_kmeans(
+        target_embedding.numpy(), s["num_centroids"], s["kmeans_iters"], SETTINGS["seed"]
+    )
+    with torch.no_grad():
+        drafter.masked_embedding.token_ordering.copy_(torch.from_numpy(ordering))
+        drafter.model.embed_tokens.weight.copy_(target_embedding)  # same width: a warm start
+    cluster_of = torch.empty(t_config.vocab_size, dtype=torch.long)
+    per = t_config.vocab_size // s["num_centroids"]
+    cluster_of[torch.from_numpy(ordering)] = torch.arange(t_config.vocab_size) // per
+
+    seq_len, steps = s["seq_len"], s["draft_steps"]
+    masks = drafter_masks(seq_len + 1, t_config.sliding_window)
+    positions = torch.arange(1, seq_len + 1)[None]
+    scale = t_config.hidden_size**0.5
+
+    def loss_fn(batch):
+        with torch.no_grad():
+            out = target(input_ids=batch, output_hidden_states=True, return_shared_kv_states=True)
+            hidden = out.hidden_states[-1]  # final-norm hidden states
+            p = F.softmax(out.logits, dim=-1)  # the teacher: the target's next-token distribution
+            cluster_p = torch.zeros(*p.shape[:-1], s["num_centroids"]).index_add_(-1, cluster_of, p)
+            embeds = target.model.embed_tokens.weight[batch] * scale
+            shared_kv = dict(out.shared_kv_states)
+        total = 0.0
+        state = hidden[:, :-1]  # h at P - 1, for P = 1..T
+        for j in range(steps):
+            # Step j drafts at P from the token at P + j and the previous step's state; its
+            # teacher is the target at P + j. (KL to the teacher up to its constant entropy.)
+            length = seq_len - j
+            x = drafter.pre_projection(torch.cat([embeds[:, 1 + j :], state[:, :length]], dim=-1))
+            h = drafter.model(
+                inputs_embeds=x,
+                attention_mask={k: m[..., :length, :] for k, m in masks.items()},
+                position_ids=positions[:, :length],
+                shared_kv_states=shared_kv,
+                use_cache=False,
+                output_hidden_states=True,
+            ).last_hidden_state
+            token_ce = F.cross_entropy(drafter.lm_head(h).flatten(0, 1), p[:, 1 + j :].flatten(0, 1))
+            centroid_ce = F.cross_entropy(
+                drafter.masked_embedding.centroids(h).flatten(0, 1), cluster_p[:, 1 + j :].flatten(0, 1)
+            )
+            total = total + token_ce + s["centroid_loss_weight"] * centroid_ce
+            state = drafter.post_projection(h)
+        return total / steps
+
+    train, _, _ = corpus_files()
+    stream = load_tokens(work, train)
+    train_loop("drafter", drafter, s, stream, loss_fn, log)
+    save_checkpoint(
+        drafter.eval(),
+        work / "drafter",
+        GenerationConfig(**special_ids(), num_assistant_tokens=s["num_assistant_tokens"]),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Stage 4: evaluation through this package's MLX runtime
+
+
+def held_out_prompts(tokenizer, count: int, length: int) -> list[str]:
+    """`count` snippets of about `length` tokens, spread evenly over the held-out files,
+    each starting at a line a third of the way into its file."""
+    _, held_out, _ = corpus_files()
+    prompts = []
+    for i in range(count):
+        text = read_source(held_out[i * len(held_out) // count])
+        start = text.rfind("\n", 0, len(text) // 3) + 1
+        ids = tokenizer.encode(text[start:], add_special_tokens=False)[:length]
+        prompts.append(tokenizer.decode(ids))
+    return prompts
+
+
+def evaluate(out: Path, log: dict) -> None:
+    """Held-out greedy mean accepted length at k=4, through this package's MLX runtime.
+    Also writes the prompts to `out/prompts.jsonl`, the default benchmark prompts."""
+    sys.path.insert(0, str(REPO))
+    from gemma_mtp_mlx import load, stream_generate
+
+    s = SETTINGS["evaluate"]
+    model, tokenizer, drafter = load(str(out / TARGET_NAME), draft_model=str(out / DRAFTER_NAME))
+    prompts = held_out_prompts(tokenizer, s["prompts"], s["prompt_tokens"])
+    (out / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    rounds = accepted = 0
+    for prompt in prompts:
+        for response in stream_generate(
+            model, tokenizer, prompt, draft_model=drafter, max_tokens=s["max_tokens"],
+            num_draft_tokens=s["num_draft_tokens"],
+        ):
+            pass
+        rounds += response.stats.rounds
+        accepted += response.stats.accepted_tokens
+    mean = accepted / rounds + 1
+    log["evaluate"] = {"held_out_greedy_mean_accepted_length_k4": round(mean, 3), "rounds": rounds}
+    print(f"held-out greedy mean accepted length (k=4): {mean:.3f}", flush=True)
+
+
+# ---------------------------------------------------------------------------
+
+
+def install(work: Path, out: Path, log: dict) -> None:
+    """Write both checkpoints into `out` (a temporary directory renamed into place)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, source in ((TARGET_NAME, work / "target"), (DRAFTER_NAME, work / "drafter")):
+        temporary = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}."))
+        for path in source.iterdir():
+            shutil.copy2(path, temporary / path.name)
+        if name == TARGET_NAME:
+            for path in (work / "tokenizer").iterdir():
+                shutil.copy2(path, temporary / path.name)
+        temporary.chmod(0o755)
+        for path in temporary.iterdir():
+            path.chmod(0o644)
+        final = out / name
+        if final.exists():
+            shutil.rmtree(final)
+        temporary.rename(final)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", default="all", choices=["all", "tokenizer", "target", "drafter", "install", "evaluate"])
+    parser.add_argument("--work", type=Path, default=REPO / "build" / "default_pair", help="intermediate files")
+    parser.add_argument("--out", type=Path, default=MODELS_DIR, help="where the shipped checkpoints go")
+    args = parser.parse_args()
+    torch.set_num_threads(SETTINGS["torch_threads"])
+    args.work.mkdir(parents=True, exist_ok=True)
+    log_path = args.work / "training.json"
+    log = json.loads(log_path.read_text()) if log_path.exists() else {}
+    log["settings"] = SETTINGS
+    log["versions"] = {"torch": torch.__version__, "python": platform.python_version()}
+    stages = {
+        "tokenizer": lambda: train_tokenizer(args.work, log),
+        "target": lambda: train_target(args.work, log),
+        "drafter": lambda: train_drafter(args.work, log),
+        "install": lambda: install(args.work, args.out, log),
+        "evaluate": lambda: evaluate(args.out, log),
+    }
+    for name in stages if args.stage == "all" else [args.stage]:
+        start = time.time()
+        stages[name]()
+        log.setdefault("stage_seconds", {})[name] = round(time.time() - start, 1)
+        log_path.write_text(json.dumps(log, indent=2) + "\n")
+    if args.stage in ("all", "install", "evaluate"):
+        shutil.copy2(log_path, args.out / "training.json")
+
+
+if __name__ == "__main__":
+    main()
