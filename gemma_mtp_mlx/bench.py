@@ -226,8 +226,9 @@ def measure_costs(target, drafter, prompt: List[int], ks: Sequence[int], iters: 
     """Step costs on a real cache state (the prompt prefilled), median of `iters` timings.
 
     decode: one target forward of one token; verify(k): of k + 1 tokens; draft step: one
-    greedy drafter step reading the target's K/V. The cache is rolled back after each
-    timed forward, so every timing starts from the same state.
+    greedy drafter step reading the target's K/V. The timings take turns (decode, each
+    verify, draft, then again), so drift on the machine hits them alike; the cache is
+    rolled back after each timed forward, so every timing starts from the same state.
     """
     cache = target.make_cache(max(ks))
     logits, hidden = target(mx.array(prompt)[None], cache)
@@ -236,21 +237,25 @@ def measure_costs(target, drafter, prompt: List[int], ks: Sequence[int], iters: 
     mx.eval(token, hidden, [c.state for c in cache])
     position = len(prompt)
 
-    def forward(n: int) -> float:
+    def forward(n: int) -> Callable[[], None]:
         inputs = mx.repeat(token, n)[None]  # [1, n]
-
-        def step():
-            mx.eval(target(inputs, cache))
-
-        return _median_seconds(step, iters, after=lambda: rollback_cache(cache, position))
+        return lambda: mx.eval(target(inputs, cache))
 
     def draft_step():
         drafts, _ = drafter.draft(target.embed, token, hidden, position, target.drafter_kv(cache), 1)
         mx.eval(drafts)
 
-    decode = forward(1)
-    verify = {str(k): forward(k + 1) for k in ks}
-    draft = _median_seconds(draft_step, iters)
+    steps = {"decode": forward(1), **{str(k): forward(k + 1) for k in ks}, "draft": draft_step}
+    times = {name: [] for name in steps}
+    for i in range(TIMING_WARMUP + iters):
+        for name, step in steps.items():
+            tic = time.perf_counter()
+            step()
+            if i >= TIMING_WARMUP:
+                times[name].append(time.perf_counter() - tic)
+            rollback_cache(cache, position)
+    decode, draft = statistics.median(times["decode"]), statistics.median(times["draft"])
+    verify = {str(k): statistics.median(times[str(k)]) for k in ks}
     return dict(
         decode_ms=decode * 1e3,
         draft_step_ms=draft * 1e3,
@@ -258,17 +263,6 @@ def measure_costs(target, drafter, prompt: List[int], ks: Sequence[int], iters: 
         c=draft / decode,
         v={k: t / decode for k, t in verify.items()},
     )
-
-
-def _median_seconds(fn: Callable[[], None], iters: int, after: Callable[[], None] = lambda: None) -> float:
-    times = []
-    for i in range(TIMING_WARMUP + iters):
-        tic = time.perf_counter()
-        fn()
-        if i >= TIMING_WARMUP:
-            times.append(time.perf_counter() - tic)
-        after()
-    return statistics.median(times)
 
 
 def machine_info() -> dict:

@@ -1,4 +1,4 @@
-"""Mean accepted length of greedy vs sampled drafting on the fixture pairs (README table).
+"""Mean accepted length of greedy vs sampled drafting: the default pair, the fixture pairs (README table).
 
 Run: .venv/bin/python scripts/measure_draft_modes.py   (after scripts/test has built the fixtures)
 """
@@ -15,6 +15,8 @@ import test_sampling as harness  # noqa: E402
 from conftest import cached_fixture_dir  # noqa: E402
 
 from gemma_mtp_mlx import load, stream_generate  # noqa: E402
+from gemma_mtp_mlx.bench import read_prompts  # noqa: E402
+from gemma_mtp_mlx.generate import DEFAULT_PROMPTS_FILE  # noqa: E402
 from gemma_mtp_mlx.sampling import Sampling  # noqa: E402
 
 MODES = ("greedy", "sampled")
@@ -25,9 +27,26 @@ def fixture_pairs(fixtures):
         yield target, load(fixtures / target, draft_model=fixtures / drafter)
 
 
+def default_pair_rows():
+    """The shipped pair on its first 8 held-out prompts, 100 tokens each, k=4."""
+    target, tokenizer, drafter = load()
+    prompts = read_prompts(DEFAULT_PROMPTS_FILE)[:8]
+    for temp in (0.7, 1.0):
+        lengths = []
+        for mode in MODES:
+            runs = [
+                list(stream_generate(target, tokenizer, p, draft_model=drafter, num_draft_tokens=4, max_tokens=100,
+                                     temp=temp, draft_mode=mode, seed=s))
+                for s, p in enumerate(prompts)
+            ]
+            lengths.append(np.mean([r[-1].stats.mean_accepted_length for r in runs]))
+        print(f"| default pair (k=4) | {temp} | " + " | ".join(f"{x:.3f}" for x in lengths) + " |")
+
+
 def main():
     fixtures = cached_fixture_dir()
     print("| pair | temp | " + " | ".join(f"{m} drafting" for m in MODES) + " |")
+    default_pair_rows()
     for name, (target, tokenizer, drafter) in fixture_pairs(fixtures):
         for temp in (0.7, 1.0):
             lengths = []

@@ -140,6 +140,10 @@ SETTINGS = {
 }
 
 
+def special_ids() -> dict:
+    return dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+
+
 # ---------------------------------------------------------------------------
 # Corpus
 
@@ -184,16 +188,9 @@ def train_tokenizer(work: Path, log: dict) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(chunks),
         model_writer=model,
-        model_type=settings["model_type"],
-        vocab_size=settings["vocab_size"],
         pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
         pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-        byte_fallback=settings["byte_fallback"],
-        split_digits=settings["split_digits"],
-        add_dummy_prefix=settings["add_dummy_prefix"],
-        remove_extra_whitespaces=settings["remove_extra_whitespaces"],
-        allow_whitespace_only_pieces=settings["allow_whitespace_only_pieces"],
-        user_defined_symbols=settings["user_defined_symbols"],
+        **{key: value for key, value in settings.items() if key != "chunk_chars"},
         normalization_rule_name="identity",
         character_coverage=1.0,
         max_sentence_length=4 * size,
@@ -311,12 +308,30 @@ def save_checkpoint(model, out: Path, generation_config: GenerationConfig) -> No
     generation_config.save_pretrained(out)
 
 
-def special_ids() -> dict:
-    return dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-
-
 # ---------------------------------------------------------------------------
 # Stage 2: target
+
+
+# Text-config settings both models share: no per-layer inputs, single-width MLP, no MoE,
+# separate K and V, tied embeddings, transformers' Gemma 4 RoPE defaults.
+COMMON_TEXT_CONFIG = dict(
+    hidden_size_per_layer_input=0,
+    vocab_size_per_layer_input=0,
+    use_double_wide_mlp=False,
+    enable_moe_block=False,
+    attention_k_eq_v=False,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=8192,
+    tie_word_embeddings=True,
+    rope_parameters=ROPE_PARAMETERS,
+    vocab_size=SETTINGS["tokenizer"]["vocab_size"],
+    **special_ids(),
+)
+# The target settings that are config fields (the rest are training settings).
+TARGET_CONFIG_KEYS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_kv_shared_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "global_head_dim", "sliding_window", "final_logit_softcapping",
+)
 
 
 def target_config() -> Gemma4TextConfig:
@@ -326,27 +341,7 @@ def target_config() -> Gemma4TextConfig:
     if layer_types[-1] != FULL:
         raise ValueError("Gemma 4's last layer is full attention")
     return Gemma4TextConfig(
-        vocab_size=SETTINGS["tokenizer"]["vocab_size"],
-        hidden_size=s["hidden_size"],
-        intermediate_size=s["intermediate_size"],
-        num_hidden_layers=s["num_hidden_layers"],
-        layer_types=layer_types,
-        num_kv_shared_layers=s["num_kv_shared_layers"],
-        num_attention_heads=s["num_attention_heads"],
-        num_key_value_heads=s["num_key_value_heads"],
-        head_dim=s["head_dim"],
-        global_head_dim=s["global_head_dim"],
-        sliding_window=s["sliding_window"],
-        final_logit_softcapping=s["final_logit_softcapping"],
-        hidden_size_per_layer_input=0,
-        vocab_size_per_layer_input=0,
-        use_double_wide_mlp=False,
-        attention_k_eq_v=False,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-        rope_parameters=ROPE_PARAMETERS,
-        **special_ids(),
+        layer_types=layer_types, **{key: s[key] for key in TARGET_CONFIG_KEYS}, **COMMON_TEXT_CONFIG
     )
 
 
@@ -405,28 +400,14 @@ def drafter_config(target: Gemma4TextConfig) -> Gemma4AssistantConfig:
     s = SETTINGS["drafter"]
     layer_types = [SLIDING] * (s["num_hidden_layers"] - 1) + [FULL]
     text = Gemma4TextConfig(
-        vocab_size=target.vocab_size,
-        hidden_size=s["hidden_size"],
-        intermediate_size=s["intermediate_size"],
-        num_hidden_layers=s["num_hidden_layers"],
         layer_types=layer_types,
-        num_kv_shared_layers=s["num_hidden_layers"],
-        num_attention_heads=s["num_attention_heads"],
-        num_key_value_heads=SETTINGS["target"]["num_key_value_heads"],
-        head_dim=SETTINGS["target"]["head_dim"],
-        global_head_dim=SETTINGS["target"]["global_head_dim"],
-        sliding_window=target.sliding_window,
+        num_kv_shared_layers=s["num_hidden_layers"],  # every layer reads the target's K/V
+        # attention shapes must match the target's K/V
+        **{key: SETTINGS["target"][key] for key in ("num_key_value_heads", "head_dim", "global_head_dim",
+                                                      "sliding_window")},
+        **{key: s[key] for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")},
         final_logit_softcapping=None,
-        hidden_size_per_layer_input=0,
-        vocab_size_per_layer_input=0,
-        use_double_wide_mlp=False,
-        enable_moe_block=False,
-        attention_k_eq_v=False,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=target.max_position_embeddings,
-        tie_word_embeddings=True,
-        rope_parameters=ROPE_PARAMETERS,
-        **special_ids(),
+        **COMMON_TEXT_CONFIG,
     )
     return Gemma4AssistantConfig(
         text_config=text,
