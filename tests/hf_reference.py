@@ -40,7 +40,9 @@ def load_hf_assistant(path) -> torch.nn.Module:
 @torch.no_grad()
 def hf_logits(model, ids: list[int]) -> np.ndarray:
     """[len(ids), vocab] logits of one forward pass over `ids`, without a cache."""
-    output = model(input_ids=torch.tensor([ids]), use_cache=False)
+    # output_hidden_states sidesteps transformers 5.23 slicing per-layer inputs that a
+    # KV-sharing target without per-layer embeddings (the default pair) does not have.
+    output = model(input_ids=torch.tensor([ids]), use_cache=False, output_hidden_states=True)
     return output.logits[0].float().numpy()
 
 

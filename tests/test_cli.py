@@ -132,7 +132,7 @@ def test_chat_ctrl_c_stops_the_reply_and_keeps_the_session(pairs):
     child = start_chat(pairs, "--max-tokens", 100000, "--max-context", 200000)
     child.sendline("tell me everything")
     child.expect("tell me everything\r\n")  # the terminal's echo
-    child.expect(r"\S")  # the reply started streaming
+    child.expect(r"\S[\s\S]{40}")  # the reply is streaming
     child.sendintr()
     child.expect(r"\[interrupted\]")
     child.expect(">> ")
