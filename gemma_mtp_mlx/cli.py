@@ -235,8 +235,8 @@ def run_chat(args) -> None:
     model, tokenizer, drafter = load_pair(args)
     name = args.model or "the default model"
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(f"{name} has no chat template, so it cannot chat (the default model completes "
-                         "Python code): use `gemma-mtp generate --prompt ...`, or --model an instruction-tuned Gemma 4")
+        raise ValueError(f"{name} has no chat template, so it cannot chat: use `gemma-mtp generate --prompt ...` "
+                         "(the default model completes Python code), or --model an instruction-tuned Gemma 4")
     conversation = Conversation(model, tokenizer, drafter, args)
     print(f"chat with {name} ({'speculative' if drafter else 'plain'} decoding). {CHAT_HELP}")
     while True:
