@@ -21,7 +21,7 @@ Everything comes from this machine's Python standard library sources (no downloa
 Every stage is deterministic given ``--seed`` (fixed data order, seeded initialisation,
 2 torch threads); its settings, the corpus digest, losses and timings are recorded in
 ``training.json`` next to the checkpoints. ``--stage all`` runs the four stages (about
-45 minutes on a 2-core CPU) and writes the result into ``gemma_mtp_mlx/models/``.
+55 minutes on an idle 2-core CPU) and writes the result into ``gemma_mtp_mlx/models/``.
 
 Usage: python scripts/train_default_pair.py [--stage all|tokenizer|target|drafter|evaluate]
 """
