@@ -15,11 +15,12 @@ Everything comes from this machine's Python standard library sources (no downloa
    ``draft_steps`` steps at the fixed position P, to match the target's next-token
    distribution (KL) and the target's probability mass per centroid (cross-entropy).
    Tokens are grouped into centroids by a balanced k-means over the target's embeddings.
-4. ``install`` copies both checkpoints into the package; ``evaluate``: held-out greedy mean accepted length at k=4 through this package's MLX
-   runtime.
+4. ``install``: both checkpoints into the package (a temporary directory, then renamed).
+5. ``evaluate``: held-out greedy mean accepted length at k=4 through this package's MLX
+   runtime; writes the held-out prompts the benchmark uses by default.
 
-Every stage is deterministic given ``SETTINGS['seed']`` (fixed data order, seeded initialisation,
-2 torch threads); its settings, the corpus digest, losses and timings are recorded in
+Every stage is deterministic given ``SETTINGS["seed"]`` (fixed data order, seeded
+initialisation, 2 torch threads); its settings, the corpus digest, losses and timings are recorded in
 ``training.json`` next to the checkpoints. ``--stage all`` runs every stage (about
 55 minutes on an idle 2-core CPU) and writes the result into ``gemma_mtp_mlx/models/``.
 
