@@ -5,7 +5,9 @@ Errors are one line on stderr and a non-zero exit; `--debug` shows the traceback
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from typing import List, Optional
 
 from mlx_lm.sample_utils import make_logits_processors
@@ -154,6 +156,41 @@ def load_pair(args):
     return load(args.model, args.draft_model)
 
 
+class CtrlC:
+    """The chat's Ctrl-C: at the prompt it raises KeyboardInterrupt (the line is dropped);
+    anywhere else it sets `pressed`, which a reply checks after each token.
+
+    A KeyboardInterrupt raised wherever the main thread happens to be (inside MLX work, a
+    generator's cleanup, between reading a line and starting the reply) can be lost, end
+    the program or leave the stream half torn down; the flag cannot.
+    """
+
+    def __init__(self):
+        self.pressed = False
+        self.at_prompt = False
+
+    def _press(self, signum, frame):
+        if self.at_prompt:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._press)
+        return self
+
+    def __exit__(self, *exc_info):
+        signal.signal(signal.SIGINT, self.previous)
+
+    def read_line(self, prompt: str) -> str:
+        """input(prompt); a Ctrl-C from here until the next line is read clears `pressed`."""
+        self.pressed = False
+        self.at_prompt = True
+        try:
+            return input(prompt)
+        finally:
+            self.at_prompt = False
+
+
 CHAT_HELP = "/reset clears the conversation, /stats shows the last reply's statistics, /exit quits (or Ctrl-D)"
 
 
@@ -166,8 +203,9 @@ class Conversation:
     it was EOS) is prefilled. Otherwise the cache starts over.
     """
 
-    def __init__(self, model, tokenizer, drafter, args):
+    def __init__(self, model, tokenizer, drafter, args, ctrl_c: Optional[CtrlC] = None):
         self.model, self.tokenizer, self.drafter, self.args = model, tokenizer, drafter, args
+        self.ctrl_c = ctrl_c
         self.limit = args.max_context or model.args.max_position_embeddings
         default_k = drafter.default_num_draft_tokens if drafter is not None else 0
         self.num_draft_tokens = args.num_draft_tokens or default_k
@@ -217,7 +255,10 @@ class Conversation:
                 generated.append(r.token)
                 print(r.text, end="", flush=True, file=out)
                 self.stats = r.stats or self.stats
-        except KeyboardInterrupt:
+                if self.ctrl_c is not None and self.ctrl_c.pressed:
+                    print("\n[interrupted]", end="", file=out)
+                    break
+        except KeyboardInterrupt:  # without a CtrlC (called from Python), Ctrl-C raises
             print("\n[interrupted]", end="", file=out)
         finally:
             stream.close()  # rolls the cache back to what was handed out
@@ -237,11 +278,15 @@ def run_chat(args) -> None:
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"{name} has no chat template, so it cannot chat: use `gemma-mtp generate --prompt ...` "
                          "(the default model completes Python code), or --model an instruction-tuned Gemma 4")
-    conversation = Conversation(model, tokenizer, drafter, args)
     print(f"chat with {name} ({'speculative' if drafter else 'plain'} decoding). {CHAT_HELP}")
+    with CtrlC() as ctrl_c:
+        chat_loop(Conversation(model, tokenizer, drafter, args, ctrl_c), ctrl_c)
+
+
+def chat_loop(conversation: Conversation, ctrl_c: CtrlC) -> None:
     while True:
         try:
-            text = input(">> ")
+            text = ctrl_c.read_line(">> ")
         except EOFError:
             print()
             return
