@@ -30,7 +30,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 
 from .cache import rollback_cache
-from .generate import DEFAULT_PROMPTS_FILE, SpeculativeStats, chat_prompt, encode_prompt, load, stream_generate
+from .generate import DEFAULT_MODEL, DEFAULT_PROMPTS_FILE, SpeculativeStats, chat_prompt, encode_prompt, load, stream_generate
 from .target import Target
 
 DEFAULT_KS = (1, 2, 3, 4, 6, 8)
@@ -491,7 +491,7 @@ def run(args: argparse.Namespace) -> None:
     result = run_benchmark(
         model, tokenizer, drafter, [chat_prompt(tokenizer, t) for t in texts],
         ks=args.ks, temps=args.temps, max_tokens=args.max_tokens, repeats=args.repeats, seed=args.seed,
-        model_name=args.model or "(default) gemma-4-tiny-python",
+        model_name=args.model or f"(default) {DEFAULT_MODEL.name}",
         draft_model_name=args.draft_model or "(the pair's drafter)",
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )

@@ -7,7 +7,6 @@ import argparse
 import json
 import signal
 import sys
-import threading
 from typing import List, Optional
 
 from mlx_lm.sample_utils import make_logits_processors

@@ -65,7 +65,7 @@ from make_fixtures import (  # noqa: E402  (a sibling script, not a package)
     ROPE_PARAMETERS,
     SLIDING,
     all_shared_kv_sharing_patch,
-    rewrite_config_as_published,
+    save_model,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,7 +184,8 @@ def train_tokenizer(work: Path, log: dict) -> None:
     settings = SETTINGS["tokenizer"]
     train, held_out, root = corpus_files()
     size = settings["chunk_chars"]
-    chunks = [text[i : i + size] for text in map(read_source, train) for i in range(0, len(text), size)]
+    texts = [read_source(p) for p in train]
+    chunks = [text[i : i + size] for text in texts for i in range(0, len(text), size)]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(chunks),
@@ -215,7 +216,7 @@ def train_tokenizer(work: Path, log: dict) -> None:
         "train_files": len(train),
         "held_out_files": [str(p.relative_to(root)) for p in held_out],
         "train_digest": corpus_digest(train),
-        "train_chars": sum(len(read_source(p)) for p in train),
+        "train_chars": sum(map(len, texts)),
         "held_out_files_tokenized_differently_by_hf": mismatches,
     }
     if mismatches:
@@ -303,12 +304,6 @@ def train_loop(name: str, model, settings: dict, stream: np.ndarray, loss_fn, lo
     }
 
 
-def save_checkpoint(model, out: Path, generation_config: GenerationConfig) -> None:
-    model.save_pretrained(out)
-    rewrite_config_as_published(out / "config.json")
-    generation_config.save_pretrained(out)
-
-
 # ---------------------------------------------------------------------------
 # Stage 2: target
 
@@ -361,7 +356,7 @@ def train_target(work: Path, log: dict) -> None:
         return model(input_ids=batch, labels=batch, output_hidden_states=True).loss
 
     train_loop("target", model, SETTINGS["target"], stream, loss_fn, log)
-    save_checkpoint(model.eval(), work / "target", GenerationConfig(**special_ids()))
+    save_model(model.eval(), work / "target", GenerationConfig(**special_ids()))
 
 
 # ---------------------------------------------------------------------------
@@ -493,7 +488,7 @@ def train_drafter(work: Path, log: dict) -> None:
     train, _, _ = corpus_files()
     stream = load_tokens(work, train)
     train_loop("drafter", drafter, s, stream, loss_fn, log)
-    save_checkpoint(
+    save_model(
         drafter.eval(),
         work / "drafter",
         GenerationConfig(**special_ids(), num_assistant_tokens=s["num_assistant_tokens"]),
