@@ -9,7 +9,7 @@ from types import ModuleType
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, Gemma4AssistantForCausalLM
+from transformers import AutoModelForCausalLM
 
 MAKE_FIXTURES_PATH = Path(__file__).resolve().parents[1] / "scripts" / "make_fixtures.py"
 
@@ -26,14 +26,17 @@ def load_make_fixtures() -> ModuleType:
 
 
 def load_hf_target(path) -> torch.nn.Module:
-    """A gemma4_text (Gemma4ForCausalLM) or gemma4 (Gemma4ForConditionalGeneration) checkpoint."""
+    """A gemma4_text / gemma4_unified_text (Gemma4ForCausalLM, Gemma4UnifiedForCausalLM) or
+    gemma4 / gemma4_unified (Gemma4ForConditionalGeneration, Gemma4UnifiedForConditionalGeneration)
+    checkpoint."""
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def load_hf_assistant(path) -> torch.nn.Module:
-    """A Gemma4AssistantForCausalLM, built under the patch that lets transformers 5.23 construct it."""
+    """A Gemma4AssistantForCausalLM or Gemma4UnifiedAssistantForCausalLM, built under the
+    patch that lets transformers 5.23 construct it."""
     with load_make_fixtures().all_shared_kv_sharing_patch():
-        model = Gemma4AssistantForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model.eval()
 
 
@@ -93,7 +96,7 @@ def hf_greedy_margin(
 def hf_draft_step(
     assistant, token_embedding, hidden, position: int, shared_kv: dict
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One Gemma4AssistantForCausalLM step at `position`.
+    """One Gemma4AssistantForCausalLM (or Gemma4UnifiedAssistantForCausalLM) step at `position`.
 
     token_embedding: the target's scaled embedding of the newest token, [backbone_hidden].
     hidden: the target's final-norm hidden state that produced it, [backbone_hidden].
