@@ -25,7 +25,14 @@ from hf_reference import MAKE_FIXTURES_PATH, load_hf_assistant, load_hf_target, 
 
 FIXTURE_CACHE = Path(__file__).resolve().parent / ".fixtures"
 
-TARGETS = ["e2b_target", "dense_target", "moe_target", "multimodal_target"]
+TARGETS = [
+    "e2b_target",
+    "dense_target",
+    "moe_target",
+    "multimodal_target",
+    "unified_target",  # 12B-like, multimodal layout
+    "unified_text_target",  # 12B-like text model, config as transformers saves it
+]
 
 # pair name -> (target directory, assistant directory), relative to the fixture directory
 PAIRS = {
@@ -33,6 +40,10 @@ PAIRS = {
     "dense": ("dense_target", "assistant_dense"),
     "moe": ("moe_target", "assistant_dense"),
     "multimodal": ("multimodal_target", "assistant_centroid"),
+    "unified": ("unified_target", "unified_assistant"),
+    "unified_text": ("unified_text_target", "unified_assistant"),
+    # an assistant config as transformers saves it (no global K/V head count) beside a K=V target
+    "saved_config": ("dense_target", "assistant_saved"),
 }
 
 

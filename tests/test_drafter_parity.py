@@ -1,4 +1,5 @@
-"""Three consecutive draft steps match Gemma4AssistantForCausalLM fed the same inputs."""
+"""Three consecutive draft steps match Gemma4AssistantForCausalLM (Gemma4UnifiedAssistantForCausalLM
+for the 12B family) fed the same inputs."""
 
 import mlx.core as mx
 import numpy as np
@@ -10,7 +11,9 @@ from hf_reference import hf_draft_step
 WINDOW = 16
 
 
-@pytest.mark.parametrize("pair", ["e2b", "dense"])  # centroid head, dense head
+# centroid head, dense head, the 12B family's assistant (centroid head), an assistant whose
+# config gives other K/V head counts than the target's
+@pytest.mark.parametrize("pair", ["e2b", "dense", "unified", "saved_config"])
 @pytest.mark.parametrize("length", [WINDOW // 2, 3 * WINDOW + 3])
 def test_three_draft_steps_match_transformers(pair, length, mlx_pairs, hf_assistants):
     target, _, drafter = mlx_pairs[pair]
