@@ -22,7 +22,11 @@ TARGET_TYPES = ("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text"
 DRAFTER_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
 
 # gemma4_unified_text on mlx-lm's gemma4_text: what the 12B's text stack does not have...
-UNIFIED_TEXT_ABSENT = {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0, "enable_moe_block": False}
+UNIFIED_TEXT_ABSENT = {
+    "hidden_size_per_layer_input": 0,
+    "vocab_size_per_layer_input": 0,
+    "enable_moe_block": False,
+}
 # ...and transformers' Gemma4UnifiedTextConfig defaults where mlx-lm's gemma4_text differs.
 UNIFIED_TEXT_DEFAULTS = {
     "hidden_size": 2304,

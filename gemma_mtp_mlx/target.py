@@ -1,8 +1,8 @@
 """The target: mlx-lm's Gemma 4 model, seen the way speculation needs it.
 
-mlx-lm's `gemma4_text` (or multimodal `gemma4`) model does the work, for every size: the
-12B's `gemma4_unified` / `gemma4_unified_text` configs are mapped onto those. This wrapper adds one
-verify forward that returns logits *and* final-norm hidden states for every input
+mlx-lm's `gemma4_text` (or multimodal `gemma4`) model does the work, for every size (the
+12B's `gemma4_unified` / `gemma4_unified_text` configs are mapped onto those). This wrapper
+adds one verify forward that returns logits *and* final-norm hidden states for every input
 position, and zero-copy views of the K/V that the drafter reads: those of the last
 K/V-computing layer of each attention type.
 """
