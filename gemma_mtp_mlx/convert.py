@@ -40,7 +40,7 @@ from .checkpoint import (
     resolve_path,
 )
 from .drafter import Drafter, check_pair, load_drafter
-from .generate import PAIR_DRAFTER_DIR
+from .loading import PAIR_DRAFTER_DIR
 from .target import Target, mlx_lm_config
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -465,19 +465,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--out", required=True,
                         help="output directory for the pair (the drafter goes to OUT/drafter)")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16",
-                        help="dtype of the weights that are not quantized (default: %(default)s)")
+                        help="dtype of the weights that are not quantized")
     parser.add_argument("-q", "--quantize", action="store_true",
-                        help="quantize the target, and the drafter unless --draft-q-bits none "
-                             "(default: %(default)s)")
+                        help="quantize the target, and the drafter unless --draft-q-bits none")
     parser.add_argument("--q-bits", type=int, choices=Q_BITS, default=4,
-                        help="bits per quantized weight (default: %(default)s)")
+                        help="bits per quantized weight")
     parser.add_argument("--q-group-size", type=int, choices=Q_GROUP_SIZES, default=64,
-                        help="weights sharing one scale and bias (default: %(default)s)")
+                        help="weights sharing one scale and bias")
     parser.add_argument("--draft-q-bits", choices=("same", "4", "8", "none"), default="same",
                         help="drafter bits: 'same' follows the target (unquantized without -q), "
-                             "'none' keeps it unquantized (default: %(default)s)")
+                             "'none' keeps it unquantized")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing non-empty output directory (default: %(default)s)")
+                        help="replace an existing non-empty output directory")
 
 
 def run(args: argparse.Namespace) -> None:

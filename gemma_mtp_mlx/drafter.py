@@ -176,18 +176,19 @@ class Drafter(nn.Module):
     ) -> Tuple[mx.array, Optional[mx.array]]:
         """Draft `num_tokens` tokens after `token` (at `position`).
 
-        `sample(input_token, logits [1, vocab]) -> (token [1], log q [1, vocab])` draws each
-        draft from the drafter's processed distribution; without it drafting is greedy.
+        `sample(tokens [j + 1], logits [1, vocab]) -> (token [1], log q [1, vocab])` draws
+        each draft from the drafter's processed distribution, given `token` and the j drafts
+        before it; without it drafting is greedy.
         Returns (drafts [num_tokens], log q [num_tokens, vocab] or None when greedy).
         Builds one lazy graph: nothing here waits for the device.
         """
-        drafts, draft_logprobs = [], []
+        first, drafts, draft_logprobs = token, [], []
         for _ in range(num_tokens):
             state, hidden = self.step(embed(token)[None], hidden, position, shared_kv)
             if sample is None:
                 token = self.greedy_token(state)[0]  # [1]
             else:
-                token, logq = sample(token, self.logits(state)[0])
+                token, logq = sample(mx.concatenate([first, *drafts]), self.logits(state)[0])
                 draft_logprobs.append(logq)
             drafts.append(token)
         return mx.concatenate(drafts), mx.concatenate(draft_logprobs) if draft_logprobs else None

@@ -16,7 +16,7 @@ from conftest import cached_fixture_dir  # noqa: E402
 
 from gemma_mtp_mlx import load, stream_generate  # noqa: E402
 from gemma_mtp_mlx.bench import read_prompts  # noqa: E402
-from gemma_mtp_mlx.generate import DEFAULT_PROMPTS_FILE  # noqa: E402
+from gemma_mtp_mlx.loading import DEFAULT_PROMPTS_FILE  # noqa: E402
 from gemma_mtp_mlx.sampling import Sampling  # noqa: E402
 
 MODES = ("greedy", "sampled")
