@@ -1,17 +1,23 @@
-"""Reference outputs from transformers (PyTorch, float32) for the tiny fixture checkpoints."""
+"""The tiny fixture checkpoints (built by scripts/make_fixtures.py, cached) and reference
+outputs from transformers (PyTorch, float32) for them."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import torch
+import transformers
 from transformers import AutoModelForCausalLM
 
 MAKE_FIXTURES_PATH = Path(__file__).resolve().parents[1] / "scripts" / "make_fixtures.py"
+FIXTURE_CACHE = Path(__file__).resolve().parent / ".fixtures"
 
 
 def load_make_fixtures() -> ModuleType:
@@ -23,6 +29,38 @@ def load_make_fixtures() -> ModuleType:
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def fixture_hash() -> str:
+    """The checkpoints live in tests/.fixtures/<hash>/, keyed by the content of
+    scripts/make_fixtures.py and the transformers version, so editing the script or
+    upgrading transformers rebuilds them."""
+    digest = hashlib.sha256(MAKE_FIXTURES_PATH.read_bytes())
+    digest.update(transformers.__version__.encode())
+    return digest.hexdigest()
+
+
+def cached_fixture_dir() -> Path:
+    """The cached checkpoints, building them first if needed.
+
+    The build goes to a temporary directory that is renamed into place only when
+    complete, so an interrupted build never leaves a half-written cache.
+    """
+    fixture_dir = FIXTURE_CACHE / fixture_hash()
+    if fixture_dir.is_dir():
+        return fixture_dir
+    FIXTURE_CACHE.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="building-", dir=FIXTURE_CACHE))
+    try:
+        load_make_fixtures().build_fixtures(staging)
+        try:
+            staging.rename(fixture_dir)
+        except OSError:
+            if not fixture_dir.is_dir():  # otherwise a concurrent build got there first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return fixture_dir
 
 
 def load_hf_target(path) -> torch.nn.Module:

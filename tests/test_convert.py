@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from mlx_lm.utils import load_model
 
+from conftest import WINDOW, prompt_of
 from gemma_mtp_mlx import load, load_drafter, stream_generate
 from gemma_mtp_mlx import convert as convert_module
 from gemma_mtp_mlx.checkpoint import CheckpointError
 from gemma_mtp_mlx.convert import add_arguments, convert_pair, run
 
-WINDOW = 16
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +45,6 @@ def tree_hash(path: Path) -> str:
         digest.update(str(f.relative_to(path)).encode())
         digest.update(f.read_bytes())
     return digest.hexdigest()
-
-
-def prompt_of(length: int, seed: int = 0):
-    return np.random.default_rng(seed).integers(3, 256, size=length).tolist()
 
 
 def target_states(target, ids):

@@ -5,10 +5,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import full_length_state
+from conftest import WINDOW, full_length_state, prompt_of
 from hf_reference import hf_draft_step
 
-WINDOW = 16
 
 
 # centroid head, dense head, the 12B family's assistant (centroid head), an assistant whose
@@ -18,7 +17,7 @@ WINDOW = 16
 def test_three_draft_steps_match_transformers(pair, length, mlx_pairs, hf_assistants):
     target, _, drafter = mlx_pairs[pair]
     assistant = hf_assistants[pair]
-    ids = np.random.default_rng(length).integers(3, 256, size=length).tolist()
+    ids = prompt_of(length, seed=length)
 
     cache = target.make_cache(4)
     logits, hidden = target(mx.array([ids]), cache)

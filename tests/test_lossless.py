@@ -3,11 +3,10 @@
 import numpy as np
 import pytest
 
-from conftest import PAIRS
+from conftest import PAIRS, WINDOW
 from hf_reference import hf_greedy, hf_greedy_margin
 from gemma_mtp_mlx import stream_generate
 
-WINDOW = 16
 MAX_TOKENS = 3 * WINDOW + 12  # generate past 3x the sliding window
 EOS = 1
 
