@@ -19,7 +19,10 @@ import numpy as np
 import openai
 import pytest
 
-from gemma_mtp_mlx import load
+from mlx_lm.sample_utils import make_logits_processors
+
+from gemma_mtp_mlx import generate, load
+from gemma_mtp_mlx.cli import main
 from gemma_mtp_mlx.generate import DEFAULT_PROMPTS_FILE, chat_prompt
 
 STARTUP_SECONDS = 180
@@ -134,18 +137,29 @@ PROMPT = 'def read_lines(path):\n    """Return the lines of a text file."""\n'
 
 
 def test_completions_equal_generate_streamed_or_not(server):
-    for extra, options in [([], {}), (["--repetition-penalty", 1.3, "--num-draft-tokens", 2],
-                                      dict(extra_body=dict(repetition_penalty=1.3, num_draft_tokens=2)))]:
-        expected = cli_generate("--prompt", PROMPT, "--no-chat-template", "--max-tokens", 24, *extra)
-        whole = server.client.completions.create(model="any", prompt=PROMPT, max_tokens=24, temperature=0,
-                                                 **options)
-        assert whole.choices[0].text == expected["text"]
-        assert whole.choices[0].finish_reason == expected["finish_reason"]
-        assert whole.usage.completion_tokens == len(expected["tokens"])
-        text, chunks = streamed(server.client.completions.create(model="any", prompt=PROMPT, max_tokens=24,
-                                                                 temperature=0, stream=True, **options))
-        assert text == expected["text"]
-        assert chunks[-1].choices[0].finish_reason == expected["finish_reason"]
+    expected = cli_generate("--prompt", PROMPT, "--no-chat-template", "--max-tokens", 24)
+    whole = server.client.completions.create(model="any", prompt=PROMPT, max_tokens=24, temperature=0)
+    assert whole.choices[0].text == expected["text"]
+    assert whole.choices[0].finish_reason == expected["finish_reason"]
+    assert whole.usage.completion_tokens == len(expected["tokens"])
+    text, chunks = streamed(server.client.completions.create(model="any", prompt=PROMPT, max_tokens=24,
+                                                             temperature=0, stream=True))
+    assert text == expected["text"]
+    assert chunks[-1].choices[0].finish_reason == expected["finish_reason"]
+
+
+def test_per_request_options_equal_the_api(server):
+    model, tokenizer, drafter = load()
+    penalty = make_logits_processors(repetition_penalty=1.3)
+    expected = generate(model, tokenizer, PROMPT, draft_model=drafter, max_tokens=24, num_draft_tokens=2,
+                        logits_processors=penalty)
+    extra = dict(repetition_penalty=1.3, num_draft_tokens=2)
+    whole = server.client.completions.create(model="any", prompt=PROMPT, max_tokens=24, extra_body=extra)
+    assert whole.choices[0].text == expected
+    assert whole.usage.model_extra["speculative"]["num_draft_tokens"] == 2
+    text, _ = streamed(server.client.completions.create(model="any", prompt=PROMPT, max_tokens=24, stream=True,
+                                                        extra_body=extra))
+    assert text == expected
 
 
 def test_chat_completions_equal_generate_streamed_or_not(chat_server, pairs):
@@ -402,8 +416,8 @@ def test_requests_while_loading_answer_503():
         release.set()
 
 
-def test_serve_with_a_missing_model_exits_with_one_line(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "gemma_mtp_mlx", "serve", "--model", str(tmp_path / "none"),
-                          "--port", str(free_port())], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 1
-    assert "gemma-mtp: error: the model failed to load" in run.stderr and "Traceback" not in run.stderr
+def test_serve_with_a_missing_model_exits_with_one_line(tmp_path, capsys):
+    code = main(["serve", "--model", str(tmp_path / "none"), "--port", str(free_port())])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "gemma-mtp: error: the model failed to load" in err and "Traceback" not in err

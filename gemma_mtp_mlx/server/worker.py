@@ -275,13 +275,13 @@ class Worker:
             if job is None:
                 continue
             delta = job.feed(event)
-            if delta is not None:
-                job.push(delta)
-            if job.done:
+            if job.done:  # counted before the client hears of it, so /metrics is never behind
                 del self.jobs[event.uid]
                 if not event.finish_reason:  # a stop string ended it: free the row now
                     self.engine.remove(event.uid)
                 self._count_finish(job, delta.finish_reason)
+            if delta is not None:
+                job.push(delta)
 
     def _count_finish(self, job: Job, reason: str) -> None:
         c = self.counters
