@@ -156,7 +156,8 @@ def test_per_request_options_equal_the_api(server):
     extra = dict(repetition_penalty=1.3, num_draft_tokens=2)
     whole = server.client.completions.create(model="any", prompt=PROMPT, max_tokens=24, extra_body=extra)
     assert whole.choices[0].text == expected
-    assert whole.usage.model_extra["speculative"]["num_draft_tokens"] == 2
+    speculative = whole.usage.model_extra["speculative"]
+    assert len(speculative["acceptance_by_position"]) == 2 and speculative["mean_accepted_length"] <= 3
     text, _ = streamed(server.client.completions.create(model="any", prompt=PROMPT, max_tokens=24, stream=True,
                                                         extra_body=extra))
     assert text == expected

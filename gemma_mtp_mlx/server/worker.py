@@ -64,6 +64,9 @@ class SpeculationTally:
         self.accepted += accepted
         self.drafted += drafted
         for i in range(drafted):
+            if i == len(self.drafted_by_position):  # an engine that drafted more than asked
+                self.drafted_by_position.append(0)
+                self.accepted_by_position.append(0)
             self.drafted_by_position[i] += 1
             self.accepted_by_position[i] += i < accepted
 
@@ -272,16 +275,23 @@ class Worker:
             return
         for event in events:
             job = self.jobs.get(event.uid)
-            if job is None:
-                continue
+            if job is not None:
+                self._deliver(job, event)
+
+    def _deliver(self, job: Job, event: RowEvent) -> None:
+        try:
             delta = job.feed(event)
-            if job.done:  # counted before the client hears of it, so /metrics is never behind
-                del self.jobs[event.uid]
-                if not event.finish_reason:  # a stop string ended it: free the row now
-                    self.engine.remove(event.uid)
-                self._count_finish(job, delta.finish_reason)
-            if delta is not None:
-                job.push(delta)
+        except Exception as e:  # fail this request only
+            traceback.print_exc()
+            delta = Delta("", [], "error", error=f"generation failed: {e}")
+            job.done = True
+        if job.done:  # counted before the client hears of it, so /metrics is never behind
+            del self.jobs[event.uid]
+            if not event.finish_reason:  # a stop string or an error ended it: free the row now
+                self.engine.remove(event.uid)
+            self._count_finish(job, delta.finish_reason)
+        if delta is not None:
+            job.push(delta)
 
     def _count_finish(self, job: Job, reason: str) -> None:
         c = self.counters
