@@ -161,7 +161,7 @@ def make_job(s: Served, body: GenerationFields, prompt: List[int], top_logprobs:
                                         frequency_penalty=body.frequency_penalty)
     options = dict(max_tokens=max_tokens, temp=body.temperature, top_p=body.top_p, top_k=body.top_k,
                    min_p=body.min_p, seed=body.seed, logits_processors=processors,
-                   num_draft_tokens=body.num_draft_tokens)
+                   num_draft_tokens=body.num_draft_tokens if s.num_draft_tokens else None)  # plain: no k
     k = (body.num_draft_tokens or s.num_draft_tokens) if s.num_draft_tokens else 0
     tokenizer = s.tokenizer
     return Job(prompt, options, stop, top_logprobs, want_logprobs, tokenizer.detokenizer,
@@ -185,7 +185,7 @@ async def respond(worker: Worker, job: Job, body: GenerationFields, request: Req
     if first is None:
         return JSONResponse(error_body("the client went away"), status_code=499)
     if first.error:
-        return JSONResponse(error_body(first.error, "server_error"), status_code=500)
+        return error_response(first)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(stream_events(worker, job, first, shape, include_usage),
@@ -197,8 +197,13 @@ async def respond(worker: Worker, job: Job, body: GenerationFields, request: Req
             return JSONResponse(error_body("the client went away"), status_code=499)
         deltas.append(delta)
     if deltas[-1].error:
-        return JSONResponse(error_body(deltas[-1].error, "server_error"), status_code=500)
+        return error_response(deltas[-1])
     return shape.whole(deltas)
+
+
+def error_response(delta: Delta) -> JSONResponse:
+    kind = "invalid_request_error" if delta.status == 400 else "server_error"
+    return JSONResponse(error_body(delta.error, kind), status_code=delta.status)
 
 
 async def stream_events(worker: Worker, job: Job, first: Delta, shape, include_usage: bool) -> AsyncIterator[str]:

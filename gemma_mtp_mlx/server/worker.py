@@ -38,7 +38,8 @@ class Delta:
     tokens: List[TokenInfo]
     finish_reason: Optional[str] = None
     usage: Optional[dict] = None
-    error: Optional[str] = None  # the request failed inside the engine
+    error: Optional[str] = None  # the request failed: the engine refused it (400) or broke (500)
+    status: int = 500
     offset: int = 0  # where `text` starts in the whole reply
 
 
@@ -82,6 +83,14 @@ class SpeculationTally:
         )
 
 
+def cached_tokens(stats) -> Optional[int]:
+    """Prompt tokens an engine took from its prompt cache, if its event stats say (a dict
+    from SerialEngine; an engine without a prompt cache reports none)."""
+    if isinstance(stats, dict):
+        return stats.get("cached_tokens")
+    return getattr(stats, "cached_tokens", None)
+
+
 class Job:
     """One request: its options, and the text state the generation thread keeps for it."""
 
@@ -109,8 +118,9 @@ class Job:
     def feed(self, event: RowEvent) -> Optional[Delta]:
         """The event's tokens as a Delta (None when all its text is held back); sets `done`
         when the row finished or a stop string ended it."""
-        if event.stats and "cached_tokens" in event.stats:
-            self.cached_tokens = event.stats["cached_tokens"]
+        cached = cached_tokens(event.stats)
+        if cached is not None:
+            self.cached_tokens = cached
         self.tally.add(event.from_draft, first=self.completion_tokens == 0)
         finish, cut = None, False
         tops = event.top_logprobs or [[]] * len(event.tokens)
@@ -258,7 +268,7 @@ class Worker:
         try:
             job.uid = self.engine.insert(job.prompt, top_logprobs=job.top_logprobs, **job.options)
         except ValueError as e:
-            job.push(Delta("", [], "error", error=str(e)))
+            job.push(Delta("", [], "error", error=str(e), status=400))
             return
         self.jobs[job.uid] = job
 
