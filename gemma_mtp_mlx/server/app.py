@@ -30,6 +30,7 @@ class Served:
     engine: object
     tokenizer: object
     max_context: int
+    vocab_size: int
     num_draft_tokens: int  # the server's default per request; 0 without a drafter
     max_tokens: int  # per request, when it does not say
 
@@ -121,7 +122,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
 def completion_prompt(s: Served, prompt) -> List[int]:
     if isinstance(prompt, list):
-        vocab = s.tokenizer.vocab_size
+        vocab = s.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise BadRequest(f"prompt: token ids must be in [0, {vocab}), got {bad[0]}", param="prompt")
@@ -211,7 +212,7 @@ async def stream_events(worker: Worker, job: Job, first: Delta, shape, include_u
     client disconnects, the task running this is cancelled and the row is removed."""
     try:
         delta = first
-        yield sse(shape.chunk(None, include_usage, role=True))
+        yield sse(shape.chunk(None, include_usage))  # the opening chunk (chat: the role)
         while True:
             if delta.error:
                 yield sse(error_body(delta.error, "server_error"))
@@ -262,7 +263,7 @@ class CompletionShape:
                       logprobs=self.logprobs(tokens))
         return self.envelope([choice], usage=deltas[-1].usage)
 
-    def chunk(self, delta: Optional[Delta], include_usage: bool, role: bool = False) -> dict:
+    def chunk(self, delta: Optional[Delta], include_usage: bool) -> dict:
         extra = dict(usage=None) if include_usage else {}
         if delta is None:  # completions have no role chunk: an empty first text
             return self.envelope([dict(index=0, text="", logprobs=None, finish_reason=None)], **extra)
@@ -297,7 +298,7 @@ class ChatShape(CompletionShape):
                       logprobs=self.logprobs(tokens))
         return self.envelope([choice], usage=deltas[-1].usage)
 
-    def chunk(self, delta: Optional[Delta], include_usage: bool, role: bool = False) -> dict:
+    def chunk(self, delta: Optional[Delta], include_usage: bool) -> dict:
         extra = dict(usage=None) if include_usage else {}
         out = dict(id=self.id, object="chat.completion.chunk", created=self.created, model=self.model_name)
         if delta is None:
@@ -368,7 +369,8 @@ def loader(args):
         cache = PromptCache(args.prompt_cache_size, args.prompt_cache_bytes)
         engine = SerialEngine(model, tokenizer, drafter, num_draft_tokens=k or None,
                               max_batch_size=args.max_batch_size, prompt_cache=cache)
-        return Served(engine, tokenizer, model.args.max_position_embeddings, k, args.max_tokens)
+        return Served(engine, tokenizer, model.args.max_position_embeddings, model.args.vocab_size, k,
+                      args.max_tokens)
 
     return load_served
 
