@@ -212,6 +212,35 @@ def test_stop_strings_cut_exactly_streamed_or_not(server):
     assert missing.choices[0].text == text and missing.choices[0].finish_reason == "length"
 
 
+def test_stop_strings_never_leave_the_server_whatever_the_rounds():
+    """Job.feed on every split of one reply into rounds: the text before the stop string
+    goes out whole, the stop string never, and held-back text is released at the end."""
+    from gemma_mtp_mlx.server.serial import RowEvent
+    from gemma_mtp_mlx.server.worker import Job
+
+    _, tokenizer, _ = load()
+    text = "    return self.path.read_text().splitlines()\n"
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    for stop, expected in [(".read", "    return self.path"), ("()\n", "    return self.path.read_text().splitlines"),
+                           ("().sp", "    return self.path.read_text"), ("nowhere", text)]:
+        for size in (1, 2, 3, 5):
+            job = Job([2], dict(max_tokens=len(tokens)), [stop, "x" * 20], 0, False, tokenizer.detokenizer,
+                      lambda t: tokenizer.decode([t]), set(tokenizer.eos_token_ids), 4, loop=None)
+            out, finish = "", None
+            for start in range(0, len(tokens), size):
+                chunk = tokens[start : start + size]
+                last = start + size >= len(tokens)
+                delta = job.feed(RowEvent(0, chunk, [0.0] * len(chunk), [], [True] * (len(chunk) - 1) + [False],
+                                          "length" if last else None))
+                if delta is not None:
+                    out += delta.text
+                    finish = delta.finish_reason
+                    assert stop not in out
+                if job.done:
+                    break
+            assert (out, finish) == (expected, "stop" if stop != "nowhere" else "length"), (stop, size)
+
+
 def test_logprobs_are_the_targets_real_values_also_in_streams(chat_server, pairs):
     target, tokenizer, _ = load(pairs["e2b"][0])
     messages = [{"role": "user", "content": "count with me"}]
