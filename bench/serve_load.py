@@ -4,14 +4,15 @@
 
 Starts one server with --no-draft and one with the drafter (the default pair unless the
 extra options say --model ...), sends each client count's requests at once (held-out
-prompts, greedy, prompt cache off so every prompt is prefilled), and prints completion
-tokens per second of wall time. Run it through bench/run.sh's OpenBLAS preload on Linux:
+prompts, greedy, prompt cache off so every prompt is prefilled), alternating between the two
+servers, and prints the median completion tokens per second of wall time. Run it through bench/run.sh's OpenBLAS preload on Linux:
 LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0.
 """
 
 import argparse
 import json
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -68,24 +69,27 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per setting, interleaved; the median is shown")
     parser.add_argument("serve_options", nargs="*", help="after --: options for gemma-mtp serve")
     args = parser.parse_args()
     prompts = [json.loads(line) for line in DEFAULT_PROMPTS_FILE.read_text().splitlines()]
     clients = [int(c) for c in args.clients.split(",")]
-    results = {}
-    for mode, extra in (("plain", ["--no-draft"]), ("mtp", [])):
-        proc, url = start(args.serve_options + extra)
-        try:
+    servers = {mode: start(args.serve_options + extra) for mode, extra in (("plain", ["--no-draft"]), ("mtp", []))}
+    try:
+        for _, url in servers.values():
             complete(url, prompts[-1], 8)  # warm up
-            for n in clients:
-                results.setdefault(n, {})[mode] = aggregate_tps(url, (prompts * n)[:n], args.max_tokens)
-        finally:
+        print("clients  plain tok/s  mtp tok/s  ratio   (median of interleaved runs)")
+        for n in clients:
+            runs = {mode: [] for mode in servers}
+            for _ in range(args.repeats):
+                for mode, (_, url) in servers.items():
+                    runs[mode].append(aggregate_tps(url, (prompts * n)[:n], args.max_tokens))
+            plain, mtp = (statistics.median(runs[m]) for m in ("plain", "mtp"))
+            print(f"{n:>7}  {plain:>11.1f}  {mtp:>9.1f}  {mtp / plain:.2f}x", flush=True)
+    finally:
+        for proc, _ in servers.values():
             proc.terminate()
             proc.wait()
-    print("clients  plain tok/s  mtp tok/s  ratio")
-    for n in clients:
-        r = results[n]
-        print(f"{n:>7}  {r['plain']:>11.1f}  {r['mtp']:>9.1f}  {r['mtp'] / r['plain']:.2f}x")
 
 
 if __name__ == "__main__":
