@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-draft-tokens", type=int, default=None,
                         help="tokens drafted per round unless a request says; unset: the drafter's "
                              "num_assistant_tokens, else 4")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="most requests generating at once")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="most requests generating at once (the one-row engine in use "
+                             "today runs them one at a time)")
     parser.add_argument("--max-tokens", type=int, default=256, help="tokens per reply when a request does not say")
     parser.add_argument("--prompt-cache-size", type=int, default=10,
                         help="most K/V caches kept for reuse by later prompts with the same start; 0 disables")
