@@ -451,3 +451,47 @@ def test_serve_with_a_missing_model_exits_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1
     assert "gemma-mtp: error: the model failed to load" in err and "Traceback" not in err
+
+
+def test_a_failing_request_fails_alone_and_the_generation_thread_goes_on():
+    import asyncio
+    from types import SimpleNamespace
+
+    from gemma_mtp_mlx.server.prompt_cache import PromptCache
+    from gemma_mtp_mlx.server.serial import SerialEngine
+    from gemma_mtp_mlx.server.worker import Job, Worker
+
+    # MLX arrays belong to the thread that made them: the model loads in the generation thread.
+    worker = Worker(lambda: SimpleNamespace(engine=SerialEngine(*load(), prompt_cache=PromptCache(4, 1 << 30))))
+
+    def broken(tokens, logits):  # fails once the row has handed out tokens
+        if tokens.size > len(tokenizer.encode(PROMPT)) + 6:
+            raise RuntimeError("processor broke")
+        return logits
+
+    async def ask(processors):
+        job = Job(tokenizer.encode(PROMPT), dict(max_tokens=12, logits_processors=processors), [], 0, False,
+                  tokenizer.detokenizer, tokenizer.decode, set(tokenizer.eos_token_ids), 4,
+                  asyncio.get_running_loop())
+        worker.submit(job)
+        while True:
+            delta = await asyncio.wait_for(job.queue.get(), timeout=60)
+            if delta.finish_reason:
+                return delta
+
+    async def scenario():
+        failed = await ask([broken])
+        good = await ask([])
+        return failed, good
+
+    worker.start()
+    try:
+        assert worker.ready.wait(120) and not worker.load_error
+        tokenizer = worker.engine.tokenizer
+        failed, good = asyncio.run(scenario())
+    finally:
+        worker.stop()
+    assert failed.finish_reason == "error" and "processor broke" in failed.error
+    assert failed.usage is None and failed.text == ""
+    assert good.finish_reason == "length" and good.usage["completion_tokens"] == 12
+    assert len(worker.engine.prompt_cache.entries) == 1  # the good row's; nothing from the broken one

@@ -132,6 +132,14 @@ class SerialEngine:
         row = self.active
         event = RowEvent(row.uid, [], [], [], [],
                          stats={"cached_tokens": row.cached} if not row.tokens else None)
+        try:
+            self._round(row, event)
+        except Exception:  # the row's cache is in an unknown state: drop it, keep nothing
+            self.active = None
+            raise
+        return [event]
+
+    def _round(self, row: _Row, event: RowEvent) -> None:
         for response in row.stream:  # one round: accepted drafts, then the target's own token
             row.tokens.append(response.token)
             event.tokens.append(response.token)
@@ -147,7 +155,6 @@ class SerialEngine:
                 break
             if not response.from_draft:
                 break
-        return [event]
 
     def _start(self, row: _Row) -> None:
         options = dict(row.options)
