@@ -17,8 +17,9 @@ from .target import Target
 
 
 # Rounds are built and run on their own stream, so queuing the next one does not wait on
-# work the caller puts on the default stream (as mlx-lm's generate_step does).
-GENERATION_STREAM = mx.new_stream(mx.default_device())
+# work the caller puts on the default stream (as mlx-lm's generate_step does). MLX streams
+# belong to the thread that made them: a thread-local one works from any thread (a server's).
+GENERATION_STREAM = mx.new_thread_local_stream(mx.default_device())
 
 
 @dataclass

@@ -1,0 +1,36 @@
+"""`gemma-mtp serve`: an OpenAI-compatible HTTP server with exact MTP speculative decoding.
+
+`app.py` is the HTTP layer, `worker.py` the generation thread that owns the model,
+`serial.py` the engine it drives (one request at a time, behind the batch engine's
+interface), `prompt_cache.py` the LRU of K/V caches keyed by token prefix.
+"""
+
+import argparse
+
+DEFAULT_PROMPT_CACHE_BYTES = 1 << 30
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="target: local directory (a converted pair brings its drafter) or Hub repo id; "
+                             "unset: the tiny Python-code pair that ships with the package")
+    parser.add_argument("--draft-model", default=None, help="gemma4_assistant drafter: directory or Hub repo id")
+    parser.add_argument("--no-draft", action="store_true", help="plain target decoding, for comparison")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8080, help="port to listen on")
+    parser.add_argument("--num-draft-tokens", type=int, default=None,
+                        help="tokens drafted per round unless a request says; unset: the drafter's "
+                             "num_assistant_tokens, else 4")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="most requests generating at once (the one-row engine in use "
+                             "today runs them one at a time)")
+    parser.add_argument("--max-tokens", type=int, default=256, help="tokens per reply when a request does not say")
+    parser.add_argument("--prompt-cache-size", type=int, default=10,
+                        help="most K/V caches kept for reuse by later prompts with the same start; 0 disables")
+    parser.add_argument("--prompt-cache-bytes", type=int, default=DEFAULT_PROMPT_CACHE_BYTES,
+                        help="most bytes the kept caches may hold")
+
+
+def run(args) -> None:
+    from .app import serve  # FastAPI and uvicorn load only for this command
+
+    serve(args)
