@@ -31,6 +31,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from .cache import rollback_cache
 from .generate import DEFAULT_MODEL, DEFAULT_PROMPTS_FILE, SpeculativeStats, chat_prompt, encode_prompt, load, stream_generate
+from .selfcheck import exactness_check
 from .target import Target
 
 DEFAULT_KS = (1, 2, 3, 4, 6, 8)
@@ -84,7 +85,8 @@ def run_benchmark(
     """Benchmark `model` (the target from `load`) with and without `draft_model`.
 
     Returns a JSON-ready dict: `machine`, `command`, `model`, `draft_model`, `settings`,
-    `costs` (decode ms, c, v(k)) and `configs`, one entry per configuration with its
+    `costs` (decode ms, c, v(k)), `exactness` (selfcheck.exactness_check at the largest
+    k) and `configs`, one entry per configuration with its
     median tokens/s over `repeats`, ratio to plain decoding at the same temperature,
     acceptance statistics, peak memory and predicted speedup.
     """
@@ -119,6 +121,9 @@ def run_benchmark(
             tps = _tokens_per_s(runs[config][-1])
             report(f"repeat {repeat + 1}/{repeats} {config.name}: {tps:.1f} tokens/s")
 
+    report("checking exactness (greedy speculative output == plain output)")
+    exactness = exactness_check(target, tokenizer, draft_model, prompts, num_draft_tokens=max(ks),
+                                max_tokens=max_tokens)
     results = [_summarise(config, runs[config], costs) for config in configs]
     plain = {r["temp"]: r["tokens_per_s"] for r in results if r["kind"] == "plain"}
     for r in results:
@@ -133,6 +138,7 @@ def run_benchmark(
         settings=dict(ks=list(ks), temps=list(temps), max_tokens=max_tokens, repeats=repeats, seed=seed,
                       prompts=len(prompts), prompt_tokens=[len(p) for p in prompts], timing_iters=timing_iters),
         costs=costs,
+        exactness=exactness,
         configs=results,
     )
 
@@ -395,6 +401,7 @@ def markdown_report(result: dict) -> str:
         f"{s['repeats']} interleaved repeats (median), seed {s['seed']}",
         f"- step costs: target decode {costs['decode_ms']:.2f} ms, drafter step {costs['draft_step_ms']:.2f} ms "
         f"(c = {costs['c']:.3f}); verify k+1 tokens relative to one decode, v(k): {verify}",
+        f"- exactness: {_describe_exactness(result['exactness'])}",
         "",
         "ratio: tokens/s over plain decoding (our API) at the same temp. predicted speedup: mean accepted "
         "length / (v(k) + k c). Absolute tokens/s compare only on the same machine.",
@@ -404,6 +411,13 @@ def markdown_report(result: dict) -> str:
     if result.get("best"):
         lines += ["", describe_best(result["best"])]
     return "\n".join(lines) + "\n"
+
+
+def _describe_exactness(check: dict) -> str:
+    verdict = "exact" if check["ok"] else "NOT EXACT (see `gemma-mtp doctor`)"
+    return (f"greedy speculative output == plain output on {check['identical']}/{check['prompts']} prompts "
+            f"(k={check['k']}); largest |verify logits - one-by-one decode logits| "
+            f"{check['max_logit_gap']:.3g}; {verdict}")
 
 
 def write_reports(result: dict, out_dir) -> Tuple[Path, Path]:

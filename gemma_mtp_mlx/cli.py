@@ -11,7 +11,7 @@ from typing import List, Optional
 
 from mlx_lm.sample_utils import make_logits_processors
 
-from . import bench, convert
+from . import bench, convert, selfcheck
 from .checkpoint import CheckpointError
 from .generate import chat_prompt, load, make_prompt_cache, stream_generate
 from .sampling import DRAFT_MODES
@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     measure = commands.add_parser("bench", help="measure speculative vs plain decoding on this machine")
     bench.add_arguments(measure)
     measure.set_defaults(run=bench.run)
+
+    doctor = commands.add_parser("doctor", help="check in seconds that speculative output equals plain output here")
+    selfcheck.add_arguments(doctor)
+    doctor.set_defaults(run=selfcheck.run)
     return parser
 
 
