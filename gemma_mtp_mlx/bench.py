@@ -29,6 +29,7 @@ import mlx_lm
 from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 
+from . import shapes
 from .cache import rollback_cache
 from .generate import DEFAULT_MODEL, DEFAULT_PROMPTS_FILE, SpeculativeStats, chat_prompt, encode_prompt, load, stream_generate
 from .selfcheck import exactness_check
@@ -469,7 +470,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auto", action="store_true",
                         help="also pick and print the k with the highest tokens/s at the first --temps value "
                              "(default: %(default)s)")
+    parser.add_argument("--shapes", nargs="?", const="published", default=None, choices=sorted(shapes.SHAPE_SETS),
+                        help="instead: time random-weight drafters and target layers at the published pairs' shapes "
+                             "(float32, bfloat16, 4-bit) and write shapes.json / shapes.md; 'small' is a quick "
+                             "stand-in (default: off; alone: published)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors (default: %(default)s)")
+
+
+def run_shapes(args: argparse.Namespace) -> None:
+    """`bench --shapes`: the real-shape cost table (shapes.py)."""
+    result = shapes.run_shapes(args.shapes, ks=args.ks, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    result.update(machine=machine_info(), command=command_line())
+    json_path, md_path = shapes.write_reports(result, args.out)
+    print(shapes.markdown_table(result))
+    print(f"wrote {json_path} and {md_path}")
 
 
 def read_prompts(path) -> List[str]:
@@ -491,6 +505,8 @@ def read_prompts(path) -> List[str]:
 
 def run(args: argparse.Namespace) -> None:
     """Benchmark as `args` say, write the reports, print the table (and the best k with --auto)."""
+    if args.shapes:
+        return run_shapes(args)
     if args.prompts:
         texts = read_prompts(args.prompts)
     else:
