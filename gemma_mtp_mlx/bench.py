@@ -29,7 +29,7 @@ import mlx_lm
 from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 
-from . import shapes
+from . import shapes, timeline
 from .cache import rollback_cache
 from .generate import DEFAULT_MODEL, DEFAULT_PROMPTS_FILE, SpeculativeStats, chat_prompt, encode_prompt, load, stream_generate
 from .selfcheck import exactness_check
@@ -474,7 +474,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead: time random-weight drafters and target layers at the published pairs' shapes "
                              "(float32, bfloat16, 4-bit) and write shapes.json / shapes.md; 'small' is a quick "
                              "stand-in (default: off; alone: published)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: split each speculative round's time into host graph building, queueing and "
+                             "waiting, for each --ks value at the first --temps value (default: %(default)s)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors (default: %(default)s)")
+
+
+def run_profile(args: argparse.Namespace, model, tokenizer, drafter, prompts) -> None:
+    """`bench --profile`: per-round timelines (timeline.py), plain decoding first."""
+    target = model if isinstance(model, Target) else Target(model)
+    profiles = [timeline.profile_rounds(target, tokenizer, drafter, prompts, k=k, temp=args.temps[0],
+                                        max_tokens=args.max_tokens) for k in (0, *args.ks)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(dict(machine=machine_info(), command=command_line(),
+                                                      profiles=profiles), indent=1) + "\n")
+    print(timeline.markdown_table(profiles))
+    print(f"wrote {out / 'profile.json'} (per-round medians in ms; k=0 is plain decoding)")
 
 
 def run_shapes(args: argparse.Namespace) -> None:
@@ -514,6 +530,8 @@ def run(args: argparse.Namespace) -> None:
     model, tokenizer, drafter = load(args.model, args.draft_model)
     if drafter is None:
         raise ValueError(f"{args.model} has no drafter: pass --draft-model (its gemma4_assistant checkpoint)")
+    if args.profile:
+        return run_profile(args, model, tokenizer, drafter, [chat_prompt(tokenizer, t) for t in texts])
     blas = blas_info()
     if sys.platform == "linux" and mx.default_device() == mx.cpu and "OpenBLAS" not in blas["name"]:
         print("gemma-mtp bench: MLX's CPU backend is using its reference BLAS, which makes every verify cost "
