@@ -262,13 +262,22 @@ def run_shapes(which: str = "published", *, dtypes: Sequence[str] = DTYPES, cont
     """The cost table for every pair of `SHAPE_SETS[which]` in every dtype."""
     report = progress or (lambda line: None)
     rows = []
-    for shape in SHAPE_SETS[which]:
-        for dtype in dtypes:
-            report(f"shapes: {shape.name} {dtype}")
+    for dtype in dtypes:  # a whole dtype first: the float32 table is the one a CPU run needs most
+        for shape in SHAPE_SETS[which]:
             rows.append(measure_pair(shape, dtype, context=context, ks=ks, head_split=head_split, iters=iters))
+            report(f"shapes: {describe_row(rows[-1])}")
     return dict(shapes=which, settings=dict(dtypes=list(dtypes), context=context, ks=list(ks), head_split=head_split,
                                             iters=iters, assumed_acceptance=ASSUMED_ACCEPTANCE),
                 pairs=[dict(asdict(s), moe=s.moe and list(s.moe)) for s in SHAPE_SETS[which]], rows=rows)
+
+
+def describe_row(row: dict) -> str:
+    if row["error"]:
+        return f"{row['pair']} {row['dtype']}: {row['error']}"
+    speedup = ", ".join(f"k={k} {x:.2f}" for k, x in row["predicted_speedup"].items())
+    return (f"{row['pair']} {row['dtype']}: drafter step {row['drafter']['step_ms']:.2f} ms, target decode "
+            f"{row['target']['decode_ms']:.1f} ms, c = {row['c']:.3f}, v = "
+            + ", ".join(f"{v:.2f}" for v in row["v"].values()) + f"; predicted speedup {speedup}")
 
 
 def write_reports(result: dict, out_dir) -> Tuple[Path, Path]:
