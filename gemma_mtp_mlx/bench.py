@@ -521,6 +521,8 @@ def read_prompts(path) -> List[str]:
 
 def run(args: argparse.Namespace) -> None:
     """Benchmark as `args` say, write the reports, print the table (and the best k with --auto)."""
+    if args.shapes and args.profile:
+        raise ValueError("--shapes and --profile are separate measurements: give one of them")
     if args.shapes:
         return run_shapes(args)
     if args.prompts:

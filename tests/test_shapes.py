@@ -79,3 +79,5 @@ def test_shapes_option_parses():
     assert parser.parse_args(["--shapes", "small"]).shapes == "small"
     with pytest.raises(SystemExit):
         parser.parse_args(["--shapes", "huge"])
+    with pytest.raises(ValueError, match="give one of them"):
+        bench.run(parser.parse_args(["--shapes", "--profile"]))
