@@ -30,9 +30,11 @@ import mlx_lm
 from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 
+from . import shapes, timeline
 from .cache import rollback_cache
 from .generate import chat_prompt, encode_prompt, stream_generate
 from .loading import DEFAULT_MODEL, DEFAULT_PROMPTS_FILE, as_target, load
+from .selfcheck import exactness_check
 from .stats import SpeculativeStats
 
 DEFAULT_KS = (1, 2, 3, 4, 6, 8)
@@ -86,7 +88,8 @@ def run_benchmark(
     """Benchmark `model` (the target from `load`) with and without `draft_model`.
 
     Returns a JSON-ready dict: `machine`, `command`, `model`, `draft_model`, `settings`,
-    `costs` (decode ms, c, v(k)) and `configs`, one entry per configuration with its
+    `costs` (decode ms, c, v(k)), `exactness` (selfcheck.exactness_check at the largest
+    k) and `configs`, one entry per configuration with its
     median tokens/s over `repeats`, ratio to plain decoding at the same temperature,
     acceptance statistics, peak memory and predicted speedup.
     """
@@ -121,6 +124,9 @@ def run_benchmark(
             tps = _tokens_per_s(runs[config][-1])
             report(f"repeat {repeat + 1}/{repeats} {config.name}: {tps:.1f} tokens/s")
 
+    report("checking exactness (greedy speculative output == plain output)")
+    exactness = exactness_check(target, tokenizer, draft_model, prompts, num_draft_tokens=max(ks),
+                                max_tokens=max_tokens)
     results = [_summarise(config, runs[config], costs) for config in configs]
     plain = {r["temp"]: r["tokens_per_s"] for r in results if r["kind"] == "plain"}
     for r in results:
@@ -135,6 +141,7 @@ def run_benchmark(
         settings=dict(ks=list(ks), temps=list(temps), max_tokens=max_tokens, repeats=repeats, seed=seed,
                       prompts=len(prompts), prompt_tokens=[len(p) for p in prompts], timing_iters=timing_iters),
         costs=costs,
+        exactness=exactness,
         configs=results,
     )
 
@@ -382,6 +389,7 @@ def markdown_report(result: dict) -> str:
         f"{s['repeats']} interleaved repeats (median), seed {s['seed']}",
         f"- step costs: target decode {costs['decode_ms']:.2f} ms, drafter step {costs['draft_step_ms']:.2f} ms "
         f"(c = {costs['c']:.3f}); verify k+1 tokens relative to one decode, v(k): {verify}",
+        f"- exactness: {_describe_exactness(result['exactness'])}",
         "",
         "ratio: tokens/s over plain decoding (our API) at the same temp. predicted speedup: mean accepted "
         "length / (v(k) + k c). Absolute tokens/s compare only on the same machine.",
@@ -391,6 +399,13 @@ def markdown_report(result: dict) -> str:
     if result.get("best"):
         lines += ["", describe_best(result["best"])]
     return "\n".join(lines) + "\n"
+
+
+def _describe_exactness(check: dict) -> str:
+    verdict = "exact" if check["ok"] else "NOT EXACT (see `gemma-mtp doctor`)"
+    return (f"greedy speculative output == plain output on {check['identical']}/{check['prompts']} prompts "
+            f"(k={check['k']}); largest |verify logits - one-by-one decode logits| "
+            f"{check['max_logit_gap']:.3g}; {verdict}")
 
 
 def write_reports(result: dict, out_dir) -> Tuple[Path, Path]:
@@ -441,6 +456,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="directory for bench.json and bench.md")
     parser.add_argument("--auto", action="store_true",
                         help="also pick and print the k with the highest tokens/s at the first --temps value")
+    parser.add_argument("--shapes", nargs="?", const="published", default=None, choices=sorted(shapes.SHAPE_SETS),
+                        help="instead: time random-weight drafters and target layers at the published pairs' shapes "
+                             "(float32, bfloat16, 4-bit) and write shapes.json / shapes.md; 'small' is a quick "
+                             "stand-in; alone: published")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: split each speculative round's time into host graph building, queueing and "
+                             "waiting, for each --ks value at the first --temps value")
+
+
+def run_profile(args: argparse.Namespace, model, tokenizer, drafter, prompts) -> None:
+    """`bench --profile`: per-round timelines (timeline.py), plain decoding first."""
+    target = as_target(model)
+    profiles = [timeline.profile_rounds(target, tokenizer, drafter, prompts, k=k, temp=args.temps[0],
+                                        max_tokens=args.max_tokens) for k in (0, *args.ks)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(dict(machine=machine_info(), command=command_line(),
+                                                      profiles=profiles), indent=1) + "\n")
+    print(timeline.markdown_table(profiles))
+    print(f"wrote {out / 'profile.json'} (per-round medians in ms; k=0 is plain decoding)")
+
+
+def run_shapes(args: argparse.Namespace) -> None:
+    """`bench --shapes`: the real-shape cost table (shapes.py)."""
+    result = shapes.run_shapes(args.shapes, ks=args.ks, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    result.update(machine=machine_info(), command=command_line())
+    json_path, md_path = shapes.write_reports(result, args.out)
+    print(shapes.markdown_table(result))
+    print(f"wrote {json_path} and {md_path}")
 
 
 def read_prompts(path) -> List[str]:
@@ -462,6 +506,10 @@ def read_prompts(path) -> List[str]:
 
 def run(args: argparse.Namespace) -> None:
     """Benchmark as `args` say, write the reports, print the table (and the best k with --auto)."""
+    if args.shapes and args.profile:
+        raise ValueError("--shapes and --profile are separate measurements: give one of them")
+    if args.shapes:
+        return run_shapes(args)
     if args.prompts:
         texts = read_prompts(args.prompts)
     else:
@@ -469,6 +517,8 @@ def run(args: argparse.Namespace) -> None:
     model, tokenizer, drafter = load(args.model, args.draft_model)
     if drafter is None:
         raise ValueError(f"{args.model} has no drafter: pass --draft-model (its gemma4_assistant checkpoint)")
+    if args.profile:
+        return run_profile(args, model, tokenizer, drafter, [chat_prompt(tokenizer, t) for t in texts])
     blas = blas_info()
     if sys.platform == "linux" and mx.default_device() == mx.cpu and "OpenBLAS" not in blas["name"]:
         print("gemma-mtp bench: MLX's CPU backend is using its reference BLAS, which makes every verify cost "

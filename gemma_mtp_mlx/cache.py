@@ -6,11 +6,27 @@ positions, so a rejected draft tail can be dropped at any context length (mlx-lm
 `RotatingKVCache` cannot be trimmed once it wraps) while memory stays O(window).
 """
 
-from typing import List
+from typing import List, NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 from mlx_lm.models import cache as mlx_lm_cache
 from mlx_lm.models.cache import KVCache
+
+
+class SharedKV(NamedTuple):
+    """What one drafter layer attends to: a K/V buffer and the slots of it that it may
+    see, `[start, end)` (`end` None: up to the end). Handing the drafter whole buffers
+    (no copies) with the visible span as numbers keeps its input shapes stable while the
+    cache fills, so one compiled draft graph serves many rounds."""
+
+    keys: mx.array  # [B, kv_heads, S, D]
+    values: mx.array  # [B, kv_heads, S, D]
+    start: int = 0
+    end: Optional[int] = None
+
+    def views(self) -> Tuple[mx.array, mx.array]:
+        """The visible slots only: [B, kv_heads, end - start, D] each (no copy)."""
+        return self.keys[..., self.start : self.end, :], self.values[..., self.start : self.end, :]
 
 
 class SlidingKVCache:

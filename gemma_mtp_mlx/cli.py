@@ -10,7 +10,7 @@ from typing import Callable, List, Optional
 
 from mlx_lm.sample_utils import make_logits_processors
 
-from . import bench, chat, convert, server
+from . import bench, chat, convert, selfcheck, server
 from .checkpoint import CheckpointError
 from .generate import chat_prompt, stream_generate
 from .loading import load
@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_command(commands, "bench", "measure speculative vs plain decoding on this machine",
                 bench.add_arguments, bench.run)
     add_command(commands, "serve", "an OpenAI-compatible HTTP server", server.add_arguments, server.run)
+    add_command(commands, "doctor", "check in seconds that speculative output equals plain output here",
+                selfcheck.add_arguments, selfcheck.run)
     return parser
 
 

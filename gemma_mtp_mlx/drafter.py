@@ -8,6 +8,7 @@ P, and returns the next token's logits and a projected hidden state for the next
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
@@ -15,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import gemma4_text
 
+from .cache import SharedKV
 from .checkpoint import (
     CheckpointError,
     check_model_type,
@@ -120,6 +122,7 @@ class Drafter(nn.Module):
         self.post_projection = nn.Linear(hidden, backbone, bias=False)
         if args.use_ordered_embeddings:
             self.masked_embedding = CentroidHead(args)
+        self._graphs = None  # DraftGraphs for the last target embedding drafted with
 
     @property
     def default_num_draft_tokens(self) -> int:
@@ -130,17 +133,26 @@ class Drafter(nn.Module):
         token_embedding: mx.array,
         hidden: mx.array,
         position: int,
-        shared_kv: Dict[str, Tuple[mx.array, mx.array]],
+        shared_kv: Dict[str, SharedKV],
     ) -> Tuple[mx.array, mx.array]:
-        """One draft step at `position`.
+        """One draft step at `position`, run op by op (`draft` runs the compiled form).
 
-        token_embedding, hidden: [1, 1, backbone] (the target's scaled embedding of the
-        newest token, and the hidden state that produced it).
-        Returns (final-norm drafter state [1, 1, H], projected hidden [1, 1, backbone]).
+        token_embedding, hidden: [B, 1, backbone] (the target's scaled embedding of the
+        newest token, and the hidden state that produced it). shared_kv: per layer type, a
+        `SharedKV` or a (keys, values) pair that is all visible.
+        Returns (final-norm drafter state [B, 1, H], projected hidden [B, 1, backbone]).
         """
+        views = {t: SharedKV(*kv).views() for t, kv in shared_kv.items()}
+        return self.forward(token_embedding, hidden, position, views, {})
+
+    def forward(self, token_embedding, hidden, position, kv, masks):
+        """The step's layers. kv: per layer type (keys, values) [B, kv_heads, S, D];
+        masks: per layer type a visibility mask broadcastable to [B, heads, 1, S], or none;
+        position: an int or an int32 array."""
         x = self.pre_projection(mx.concatenate([token_embedding, hidden], axis=-1))
         for layer in self.model.layers:
-            x, _, _ = layer(x, shared_kv=shared_kv[layer.layer_type], offset=position)
+            kind = layer.layer_type
+            x, _, _ = layer(x, mask=masks.get(kind), shared_kv=kv[kind], offset=position)
         x = self.model.norm(x)
         return x, self.post_projection(x)
 
@@ -170,28 +182,31 @@ class Drafter(nn.Module):
         token: mx.array,
         hidden: mx.array,
         position: int,
-        shared_kv: Dict[str, Tuple[mx.array, mx.array]],
+        shared_kv: Dict[str, SharedKV],
         num_tokens: int,
         sample: Optional[Callable] = None,
     ) -> Tuple[mx.array, Optional[mx.array]]:
-        """Draft `num_tokens` tokens after `token` (at `position`).
+        """Draft `num_tokens` tokens after `token` (at `position`), with compiled steps.
 
         `sample(tokens [j + 1], logits [1, vocab]) -> (token [1], log q [1, vocab])` draws
         each draft from the drafter's processed distribution, given `token` and the j drafts
-        before it; without it drafting is greedy.
-        Returns (drafts [num_tokens], log q [num_tokens, vocab] or None when greedy).
+        before it; without it drafting is greedy (all `num_tokens` steps in one compiled
+        graph). Returns (drafts [num_tokens], log q [num_tokens, vocab] or None when greedy).
         Builds one lazy graph: nothing here waits for the device.
         """
+        if self._graphs is None or self._graphs.embed != embed:
+            self._graphs = DraftGraphs(self, embed)
+        position = mx.array(position, dtype=mx.int32)
+        kv = {t: self._graphs.inputs(SharedKV(*v)) for t, v in shared_kv.items()}
+        if sample is None:
+            return self._graphs.greedy(num_tokens)(token, hidden, position, kv), None
         first, drafts, draft_logprobs = token, [], []
         for _ in range(num_tokens):
-            state, hidden = self.step(embed(token)[None], hidden, position, shared_kv)
-            if sample is None:
-                token = self.greedy_token(state)[0]  # [1]
-            else:
-                token, logq = sample(mx.concatenate([first, *drafts]), self.logits(state)[0])
-                draft_logprobs.append(logq)
+            logits, hidden = self._graphs.logits_step(token, hidden, position, kv)
+            token, logq = sample(mx.concatenate([first, *drafts]), logits)
             drafts.append(token)
-        return mx.concatenate(drafts), mx.concatenate(draft_logprobs) if draft_logprobs else None
+            draft_logprobs.append(logq)
+        return mx.concatenate(drafts), mx.concatenate(draft_logprobs)
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         weights = {
@@ -203,6 +218,59 @@ class Drafter(nn.Module):
         if key in weights:
             weights[key] = weights[key].astype(mx.int32)
         return weights
+
+
+class DraftGraphs:
+    """A drafter's draft steps compiled with `mx.compile`, for one target embedding.
+
+    Everything that changes between rounds is an array input: the position P (RoPE), and
+    per layer type the whole K/V buffer with the visible slots `[start, end)` as numbers
+    (a mask). Caches grow their buffers in blocks (mlx-lm's `KVCache` by 256 positions),
+    so one compiled graph serves every round until a buffer grows. The drafter's weights
+    are inputs too (a reloaded drafter is seen); the target's embedding is captured.
+    """
+
+    def __init__(self, drafter: Drafter, embed: Callable[[mx.array], mx.array]):
+        self.drafter = drafter
+        self.embed = embed
+        self._greedy = {}  # num_tokens -> compiled greedy draft
+        self.logits_step = mx.compile(self._logits_step, inputs=[drafter.state])
+
+    @staticmethod
+    def inputs(kv: SharedKV):
+        """(keys, values, start, end) with the span as int32 arrays."""
+        end = kv.keys.shape[2] if kv.end is None else kv.end
+        return kv.keys, kv.values, mx.array(kv.start, dtype=mx.int32), mx.array(end, dtype=mx.int32)
+
+    def greedy(self, num_tokens: int) -> Callable:
+        """(token [1], hidden [1, 1, backbone], position, kv) -> drafts [num_tokens]."""
+        if num_tokens not in self._greedy:
+            self._greedy[num_tokens] = mx.compile(
+                partial(self._greedy_draft, num_tokens), inputs=[self.drafter.state]
+            )
+        return self._greedy[num_tokens]
+
+    def _forward(self, token, hidden, position, kv):
+        """One step from the newest token [1]: (state [1, 1, H], projected hidden)."""
+        buffers, masks = {}, {}
+        for kind, (keys, values, start, end) in kv.items():
+            slots = mx.arange(keys.shape[2])
+            buffers[kind] = (keys, values)
+            masks[kind] = ((slots >= start) & (slots < end))[None, None, None]  # [1, 1, 1, S]
+        return self.drafter.forward(self.embed(token)[None], hidden, position, buffers, masks)
+
+    def _greedy_draft(self, num_tokens, token, hidden, position, kv):
+        drafts = []
+        for _ in range(num_tokens):
+            state, hidden = self._forward(token, hidden, position, kv)
+            token = self.drafter.greedy_token(state)[0]  # [1]
+            drafts.append(token)
+        return mx.concatenate(drafts)
+
+    def _logits_step(self, token, hidden, position, kv):
+        """-> (logits [1, vocab], projected hidden [1, 1, backbone])."""
+        state, hidden = self._forward(token, hidden, position, kv)
+        return self.drafter.logits(state)[0], hidden
 
 
 def load_drafter(path_or_repo) -> Drafter:

@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mlx_lm.models.gemma4_text import logit_softcap
 from mlx_lm.utils import load_model, load_tokenizer
 
-from .cache import SlidingKVCache, make_target_cache
+from .cache import SharedKV, SlidingKVCache, make_target_cache
 from .checkpoint import check_model_type, mlx_lm_text_config, read_config
 
 
@@ -55,8 +55,8 @@ class Target:
             logits = logit_softcap(self.lm.final_logit_softcapping, logits)
         return logits, hidden
 
-    def drafter_kv(self, cache: List) -> Dict[str, Tuple[mx.array, mx.array]]:
-        """Views of the producers' verified K/V, [1, kv_heads, S, head_dim] per layer type.
+    def drafter_kv(self, cache: List) -> Dict[str, SharedKV]:
+        """The producers' K/V buffers and the verified slots the drafter sees, per layer type.
 
         Full attention: every cached position. Sliding: the last `window + 1` positions,
         the span the drafter's inclusive sliding window covers.
@@ -65,9 +65,10 @@ class Target:
         for layer_type, i in self.producers.items():
             c = cache[i]
             if isinstance(c, SlidingKVCache):
-                kv[layer_type] = c.last(self.args.sliding_window + 1)
+                start, end = max(0, c.used - self.args.sliding_window - 1), c.used
             else:
-                kv[layer_type] = (c.keys[..., : c.offset, :], c.values[..., : c.offset, :])
+                start, end = 0, c.offset
+            kv[layer_type] = SharedKV(c.keys, c.values, start, end)
         return kv
 
 

@@ -58,13 +58,19 @@ def test_step_costs_machine_and_command_are_recorded(result):
     assert result["command"]
 
 
+def test_exactness_self_check_is_reported(result):
+    check = result["exactness"]
+    assert check["ok"] and check["identical"] == check["prompts"] == 1 and check["k"] == 2
+    assert 0 <= check["max_logit_gap"] < 1e-3
+
+
 def test_reports_hold_everything_and_one_table_row_per_configuration(result, tmp_path):
     json_path, md_path = bench.write_reports(result, tmp_path / "out")
     assert json.loads(json_path.read_text()) == result
     markdown = md_path.read_text()
     rows = [line for line in markdown.splitlines() if line.startswith("| ") and not line.startswith("| config")]
     assert [row.split(" | ")[0][2:] for row in rows] == [r["name"] for r in result["configs"]]
-    for label in ("machine:", "BLAS:", "model:", "command:"):
+    for label in ("machine:", "BLAS:", "model:", "command:", "exactness:"):
         assert label in markdown
 
 
