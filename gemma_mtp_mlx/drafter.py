@@ -116,18 +116,21 @@ class Drafter(nn.Module):
         self,
         token_embedding: mx.array,
         hidden: mx.array,
-        position: int,
+        position,
         shared_kv: Dict[str, Tuple[mx.array, mx.array]],
+        masks: Optional[Dict[str, mx.array]] = None,
     ) -> Tuple[mx.array, mx.array]:
-        """One draft step at `position`.
+        """One draft step at `position` (an int, or each row's position [B]).
 
-        token_embedding, hidden: [1, 1, backbone] (the target's scaled embedding of the
-        newest token, and the hidden state that produced it).
-        Returns (final-norm drafter state [1, 1, H], projected hidden [1, 1, backbone]).
+        token_embedding, hidden: [B, 1, backbone] (the target's scaled embedding of the
+        newest token, and the hidden state that produced it). `masks` (per layer type,
+        [B, 1, 1, S]) select each row's keys when rows differ in length.
+        Returns (final-norm drafter state [B, 1, H], projected hidden [B, 1, backbone]).
         """
         x = self.pre_projection(mx.concatenate([token_embedding, hidden], axis=-1))
         for layer in self.model.layers:
-            x, _, _ = layer(x, shared_kv=shared_kv[layer.layer_type], offset=position)
+            mask = masks[layer.layer_type] if masks else None
+            x, _, _ = layer(x, mask, shared_kv=shared_kv[layer.layer_type], offset=position)
         x = self.model.norm(x)
         return x, self.post_projection(x)
 
