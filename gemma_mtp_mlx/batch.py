@@ -53,7 +53,6 @@ class _Row:
     key: mx.array  # this row's own random key
     top_logprobs: int
     stats: SpeculativeStats
-    cache: Optional[List] = None  # the row's own cache while its prompt is prefilled
     prefilled: int = 0  # prompt tokens in the cache
     prefill_time: float = 0.0
     first_token_time: float = 0.0
@@ -101,14 +100,16 @@ class BatchEngine:
         self.max_batch_size = max_batch_size
         self.prefill_step_size = prefill_step_size
         self.eos = set(self.tokenizer.eos_token_ids)
-        self.cache = make_batch_cache(self.target.args, rows=0)
+        self.cache = make_batch_cache(self.target.args, rows=0)  # the active rows'
+        self.prefill_cache = make_batch_cache(self.target.args, rows=0)  # the prefilling rows'
         self.waiting: Deque[_Row] = deque()
+        self.prefilling: List[_Row] = []
         self.active: List[_Row] = []
         self._uids = 0
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.active)
+        return bool(self.waiting or self.prefilling or self.active)
 
     @property
     def num_active(self) -> int:
@@ -116,7 +117,8 @@ class BatchEngine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        """Rows queued or still prefilling."""
+        return len(self.waiting) + len(self.prefilling)
 
     def insert(self, prompt_ids: Sequence[int], *, max_tokens: int, temp: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, min_p: float = 0.0, min_tokens_to_keep: int = 1,
@@ -159,6 +161,11 @@ class BatchEngine:
     def remove(self, uid: int) -> None:
         """Drop a sequence, queued or running, and free its memory. Unknown uids are ignored."""
         self.waiting = deque(r for r in self.waiting if r.uid != uid)
+        prefilling = [i for i, r in enumerate(self.prefilling) if r.uid != uid]
+        if len(prefilling) < len(self.prefilling):
+            self.prefilling = [self.prefilling[i] for i in prefilling]
+            for c in self.prefill_cache:
+                c.take(prefilling)
         keep = [i for i, r in enumerate(self.active) if r.uid != uid]
         if len(keep) < len(self.active):
             self._keep_rows(keep)
@@ -169,8 +176,8 @@ class BatchEngine:
             c.take(keep)
 
     def step(self) -> List[RowEvent]:
-        """Admit and prefill waiting rows (up to `prefill_step_size` prompt tokens), then
-        run one round for every active row. Returns the rows' new tokens."""
+        """Admit waiting rows and prefill up to `prefill_step_size` more of their prompt
+        tokens, then run one round for every active row. Returns the rows' new tokens."""
         with mx.stream(GENERATION_STREAM):
             events = self._admit()
             if self.active:
@@ -178,62 +185,70 @@ class BatchEngine:
         return events
 
     def _admit(self) -> List[RowEvent]:
-        """Prefill waiting rows in chunks; rows whose prompt is done choose their first
-        token and join the batch."""
-        events, budget = [], self.prefill_step_size
-        while budget > 0 and self.waiting and len(self.active) < self.max_batch_size:
-            row = self.waiting[0]
-            tic = time.perf_counter()
-            if row.cache is None:
-                row.cache = make_batch_cache(self.target.args, rows=1)
-            chunk = min(budget, row.prompt.size - row.prefilled)
-            logits, hidden = self.target(row.prompt[None, row.prefilled : row.prefilled + chunk], row.cache)
-            row.prefilled += chunk
-            budget -= chunk
-            if row.prefilled < row.prompt.size:
-                mx.eval([(c.keys, c.values) for c in row.cache])
-                row.prefill_time += time.perf_counter() - tic
-                continue
-            self.waiting.popleft()
-            events.append(self._first_token(row, logits[0, -1:], hidden[:, -1:], tic))
+        """Move waiting rows into the prefill group while the batch has room, and run one
+        chunk of at most `prefill_step_size` prompt tokens per row for the whole group.
+        Rows whose prompt is done choose their first token and join the batch."""
+        room = self.max_batch_size - len(self.active) - len(self.prefilling)
+        joining = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+        if joining:
+            self.prefilling += joining
+            for c, new in zip(self.prefill_cache, make_batch_cache(self.target.args, rows=len(joining))):
+                c.extend(new)
+        if not self.prefilling:
+            return []
+        tic = time.perf_counter()
+        rows = self.prefilling
+        remaining = [r.prompt.size - r.prefilled for r in rows]
+        N = min(self.prefill_step_size, max(remaining))
+        pad = mx.zeros((N,), dtype=mx.uint32)
+        inputs = mx.stack([mx.concatenate([r.prompt[r.prefilled : r.prefilled + N], pad])[:N] for r in rows])
+        hidden = self.target.backbone(inputs, cache=self.prefill_cache)  # [G, N, hidden]
+        for r, left in zip(rows, remaining):
+            r.prefilled += min(N, left)
+        for c in self.prefill_cache:  # drop the padding each shorter prompt was given
+            c.set_lengths([r.prefilled for r in rows])
+        done = [i for i, left in enumerate(remaining) if left <= N]
+        last = [remaining[i] - 1 for i in done]
+        hidden = hidden[mx.array(done), mx.array(last)][:, None] if done else None  # [D, 1, hidden]
+        firsts = [_first_token(rows[i], self.target.logits(hidden[j])) for j, i in enumerate(done)]
+        mx.eval(firsts, hidden, [(c.keys, c.values) for c in self.prefill_cache])
+        for r in rows:
+            r.prefill_time += time.perf_counter() - tic
+        events = [self._join(rows[i], first, hidden[j : j + 1]) for j, (i, first) in enumerate(zip(done, firsts))]
+        joined = [i for i, e in zip(done, events) if e.finish_reason is None]
+        if joined:
+            for c, row_cache in zip(self.cache, self.prefill_cache):
+                c.extend(row_cache.select(joined))
+        self.prefilling = [r for i, r in enumerate(rows) if i not in done]
+        for c in self.prefill_cache:
+            c.take([i for i in range(len(rows)) if i not in done])
         return events
 
-    def _first_token(self, row: _Row, logits: mx.array, hidden: mx.array, tic: float) -> RowEvent:
-        """The token chosen from the prompt's last logits [1, vocab]; the row joins the batch
-        unless that token already ends it."""
-        prompt = row.prompt
-        logprobs = row.sampling.process(prompt[:-1], prompt[-1:], logits)
-        token = row.sampling.sample(logprobs, row.next_keys(1)[0])
-        verified = _Verified(mx.array([], dtype=mx.uint32), mx.array(0), token,
-                             mx.take_along_axis(logprobs, token[:, None].astype(mx.int32), axis=-1)[:, 0],
-                             _top(logprobs, row.top_logprobs))
-        mx.eval(verified.choices, verified.logprobs, hidden, [(c.keys, c.values) for c in row.cache])
-        row.prefill_time += time.perf_counter() - tic
+    def _join(self, row: _Row, first: _Verified, hidden: mx.array) -> RowEvent:
+        """Hand out the row's first token; it joins the batch unless that token ends it."""
         row.first_token_time = time.perf_counter()
-        row.stats.prompt_tps = prompt.size / row.prefill_time
-        row.token, row.hidden = token, hidden
-        row.history = prompt if row.sampling.logits_processors else None
-        event = self._emit(row, verified, from_prefill=True)
+        row.stats.prompt_tps = row.prompt.size / row.prefill_time
+        row.token, row.hidden = first.choices, hidden
+        row.history = row.prompt if row.sampling.logits_processors else None
+        event = self._emit(row, first, from_prefill=True)
         if event.finish_reason is None:
             self.active.append(row)
-            for batch_cache, row_cache in zip(self.cache, row.cache):
-                batch_cache.extend(row_cache)
-        row.cache = None
         return event
 
     def _round(self) -> List[RowEvent]:
         rows = self.active
         K = max(r.k for r in rows)
         keys = [r.next_keys(r.k + 1) for r in rows]  # per row: k draft keys, then the acceptance key
+        groups = _groups(rows)
         tokens = mx.concatenate([r.token for r in rows])  # [B]
         hidden = mx.concatenate([r.hidden for r in rows])  # [B, 1, hidden]
-        drafts, draft_logprobs = self._draft(rows, tokens, hidden, K, keys)  # [B, K], per row
+        drafts, draft_logprobs = self._draft(rows, groups, tokens, hidden, K, keys)  # [B, K], per group
         inputs = mx.concatenate([tokens[:, None], drafts.astype(tokens.dtype)], axis=1)  # [B, K + 1]
         logits, hiddens = self.target(inputs, self.cache)  # [B, K + 1, vocab], [B, K + 1, hidden]
-        verified = [
-            _verify(r, inputs[i, : r.k + 1], logits[i, : r.k + 1], draft_logprobs[i], keys[i][r.k])
-            for i, r in enumerate(rows)
-        ]
+        verified = [None] * len(rows)
+        for group, q in zip(groups, draft_logprobs):
+            for i, v in zip(group, _verify(rows, group, inputs, logits, q, keys)):
+                verified[i] = v
         mx.eval([(v.drafts, v.accepted, v.choices, v.logprobs, v.top) for v in verified], hiddens)
         events, keep = [], []
         for i, (row, v) in enumerate(zip(rows, verified)):
@@ -251,44 +266,40 @@ class BatchEngine:
             self._keep_rows(keep)
         return events
 
-    def _draft(self, rows: List[_Row], tokens: mx.array, hidden: mx.array, K: int, keys: List[mx.array]):
-        """K drafts per row (each at its row's own position, over its own verified K/V):
-        (drafts [B, K], per row its drafts' log q [k, vocab] or None when drafted greedily)."""
+    def _draft(self, rows, groups, tokens: mx.array, hidden: mx.array, K: int, keys: List[mx.array]):
+        """K drafts per row, each at its row's own position over its own verified K/V:
+        (drafts [B, K], per group its drafts' log q [G, k, vocab], or None when greedy)."""
         if K == 0:
-            return mx.zeros((len(rows), 0), dtype=mx.uint32), [None] * len(rows)
+            return mx.zeros((len(rows), 0), dtype=mx.uint32), [None] * len(groups)
         positions = mx.array([r.position for r in rows])
         window = self.target.args.sliding_window
         views = {t: self.cache[i].drafter_view(window + 1 if self.cache[i].window else None)
                  for t, i in self.target.producers.items()}
         shared_kv = {t: (k, v) for t, (k, v, _) in views.items()}
         masks = {t: m for t, (_, _, m) in views.items()}
-        sampled = [r.sampling.exact_distribution and r.sampling.draft_mode == "sampled" for r in rows]
-        seen = [[r.history, r.token] if r.sampling.logits_processors else None for r in rows]
-        logqs = [[] if s else None for s in sampled]
+        sampled = [g for g in groups if _samples_drafts(rows[g[0]])]
+        histories = [[rows[g[0]].history, rows[g[0]].token] if rows[g[0]].sampling.logits_processors else None
+                     for g in sampled]  # processors read each draft's history: a group of one
+        logqs = [[] for _ in sampled]
+        order = mx.array([i for g in groups if g not in sampled for i in g] + [i for g in sampled for i in g])
+        inverse = mx.argsort(order)
         token, drafts = tokens, []
         for j in range(K):
             embedding = self.target.embed(token)[:, None]
             state, hidden = self.drafter.step(embedding, hidden, positions, shared_kv, masks)
             token = self.drafter.greedy_token(state)[:, 0]  # [B]
-            if any(sampled):
+            if sampled:
                 logits = self.drafter.logits(state)[:, 0]  # [B, vocab]
-                column = []
-                for i, r in enumerate(rows):
-                    if not sampled[i]:
-                        column.append(token[i : i + 1])
-                        continue
-                    history = mx.concatenate(seen[i][:-1]) if seen[i] else None
-                    inputs = seen[i][-1] if seen[i] else None
-                    logq = r.sampling.process(history, inputs, logits[i : i + 1])
-                    key = keys[i][min(j, r.k)]  # drafts past the row's k are ignored
-                    column.append(r.sampling.sample(logq, key).astype(token.dtype))
-                    logqs[i].append(logq)
-                    if seen[i]:
-                        seen[i].append(column[-1])
-                token = mx.concatenate(column)
+                parts = [token[mx.array(g)] for g in groups if g not in sampled]
+                for g, history, logq in zip(sampled, histories, logqs):
+                    step_keys = mx.stack([keys[i][min(j, rows[i].k)] for i in g])  # drafts past k are ignored
+                    t, q = _draw(rows[g[0]].sampling, logits[mx.array(g)], step_keys, history)
+                    parts.append(t.astype(token.dtype))
+                    logq.append(q)
+                token = mx.concatenate(parts)[inverse]
             drafts.append(token)
-        drafts = mx.stack(drafts, axis=1)
-        return drafts, [mx.concatenate(q[: r.k]) if q else None for q, r in zip(logqs, rows)]
+        by_group = {tuple(g): mx.stack(q[: rows[g[0]].k], axis=1) for g, q in zip(sampled, logqs)}
+        return mx.stack(drafts, axis=1), [by_group.get(tuple(g)) for g in groups]
 
     def _emit(self, row: _Row, v: _Verified, from_prefill: bool = False) -> RowEvent:
         """Hand out a round's tokens, cut after EOS or at max_tokens; record its stats."""
@@ -320,20 +331,78 @@ class BatchEngine:
         return event
 
 
-def _verify(row: _Row, inputs: mx.array, logits: mx.array, draft_logprobs, key: mx.array) -> _Verified:
-    """Accept one row's drafts with its own sampling options and random key (lazy).
+def _first_token(row: _Row, logits: mx.array) -> _Verified:
+    """The token chosen from the prompt's last logits [1, vocab] (lazy)."""
+    prompt = row.prompt
+    logprobs = row.sampling.process(prompt[:-1], prompt[-1:], logits)
+    token = row.sampling.sample(logprobs, row.next_keys(1)[0])
+    return _Verified(mx.array([], dtype=mx.uint32), mx.array(0), token,
+                     mx.take_along_axis(logprobs, token[:, None].astype(mx.int32), axis=-1)[:, 0],
+                     _top(logprobs, row.top_logprobs))
 
-    inputs [k + 1]: the row's token then its k drafts; logits [k + 1, vocab]."""
-    k = row.k
-    drafts = inputs[1:]
-    logprobs = row.sampling.process(row.history, inputs, logits)
-    accepted, choices = row.sampling.accept(drafts, draft_logprobs, logprobs, key)
-    choices = choices.astype(mx.uint32)
-    # index j < accepted: draft j was emitted; index accepted: the target's own choice
-    padded = mx.concatenate([drafts, mx.zeros((1,), drafts.dtype)])
-    emitted = mx.where(mx.arange(k + 1) < accepted, padded, choices)
-    token_logprobs = mx.take_along_axis(logprobs, emitted[:, None].astype(mx.int32), axis=-1)[:, 0]
-    return _Verified(drafts, accepted, choices, token_logprobs, _top(logprobs, row.top_logprobs))
+
+def _groups(rows: List[_Row]) -> List[List[int]]:
+    """Rows one vectorised computation can judge: the same options, draft length and
+    top_logprobs, and no logits processors (those read each row's own history)."""
+    groups = {}
+    for i, r in enumerate(rows):
+        s = r.sampling
+        same = (s.temp, s.top_p, s.top_k, s.min_p, s.min_tokens_to_keep, s.draft_mode, r.k, r.top_logprobs)
+        groups.setdefault(("row", i) if s.logits_processors else same, []).append(i)
+    return list(groups.values())
+
+
+def _samples_drafts(row: _Row) -> bool:
+    return row.sampling.exact_distribution and row.sampling.draft_mode == "sampled"
+
+
+def _draw(sampling: Sampling, logits: mx.array, keys: mx.array, history: Optional[list]):
+    """Drafts from the drafter's processed logits [G, vocab], one key per row [G, 2]:
+    (tokens [G], log q [G, vocab]). `history` ([earlier tokens, input token], appended to)
+    is given for a single row with logits processors."""
+    if history is not None:
+        logq = sampling.process(mx.concatenate(history[:-1]), history[-1], logits)
+        token = sampling.sample(logq, keys[0])
+        history.append(token.astype(history[-1].dtype))
+        return token, logq
+
+    logq = sampling.process(None, None, logits)  # each row on its own: no history read
+    return mx.vmap(lambda row_logq, key: sampling.sample(row_logq, key))(logq, keys), logq
+
+
+def _verify(rows: List[_Row], group: List[int], inputs: mx.array, logits: mx.array,
+            draft_logprobs: Optional[mx.array], keys: List[mx.array]) -> List[_Verified]:
+    """Judge the drafts of a group of rows, each with its own random key (lazy).
+
+    inputs [B, K + 1]: each row's token then its drafts; logits [B, K + 1, vocab];
+    draft_logprobs: the group's [G, k, vocab] (None for greedy drafts)."""
+    row = rows[group[0]]
+    k, top_n, history = row.k, row.top_logprobs, row.history
+
+    def judge(row_inputs, logprobs, key, q=None):
+        drafts = row_inputs[1:]
+        accepted, choices = row.sampling.accept(drafts, q, logprobs, key)
+        choices = choices.astype(mx.uint32)
+        # index j < accepted: draft j was emitted; index accepted: the target's own choice
+        padded = mx.concatenate([drafts, mx.zeros((1,), drafts.dtype)])
+        emitted = mx.where(mx.arange(k + 1) < accepted, padded, choices)
+        token_logprobs = mx.take_along_axis(logprobs, emitted[:, None].astype(mx.int32), axis=-1)[:, 0]
+        return (accepted, choices, token_logprobs) + (_top(logprobs, top_n) or ())
+
+    index = mx.array(group)
+    row_inputs, row_logits = inputs[index, : k + 1], logits[index, : k + 1]
+    if row.sampling.logits_processors:  # a group of one
+        logprobs = row.sampling.process(history, row_inputs[0], row_logits[0])[None]
+    else:  # each position on its own: no history read
+        logprobs = row.sampling.process(None, None, row_logits.reshape(-1, row_logits.shape[-1]))
+    args = [row_inputs, logprobs.reshape(row_logits.shape), mx.stack([keys[i][k] for i in group])]
+    args += [] if draft_logprobs is None else [draft_logprobs]
+    if k and not row.sampling.logits_processors:
+        out = mx.vmap(judge)(*args)
+    else:  # mx.vmap cannot draw from a single [1, vocab] row; a processor row is alone anyway
+        out = [mx.stack(a) for a in zip(*(judge(*(a[j] for a in args)) for j in range(len(group))))]
+    return [_Verified(args[0][j, 1:], out[0][j], out[1][j], out[2][j], (out[3][j], out[4][j]) if top_n else None)
+            for j in range(len(group))]
 
 
 def _top(logprobs: mx.array, n: int):

@@ -141,7 +141,7 @@ class RaggedKVCache:
         """Keep only `rows`, in that order; the buffer shrinks to the longest kept row."""
         self.lengths = [self.lengths[i] for i in rows]
         self.starts = [self.starts[i] for i in rows]
-        if not rows:
+        if not rows or self.keys is None:
             self.keys = self.values = None
             return
         index = mx.array(list(rows))
@@ -150,16 +150,34 @@ class RaggedKVCache:
         self.keys = self.keys[index, :, :capacity]
         self.values = self.values[index, :, :capacity]
 
+    def select(self, rows: Sequence[int]) -> "RaggedKVCache":
+        """A new cache holding copies of `rows`."""
+        other = RaggedKVCache(self.window, 0, self.step)
+        other.keys, other.values = self.keys, self.values
+        other.lengths, other.starts = list(self.lengths), list(self.starts)
+        other.take(rows)
+        return other
+
     def extend(self, other: "RaggedKVCache") -> None:
         """Append `other`'s rows (each keeping only what this layer needs)."""
         parts = [c for c in (self, other) if c.rows]
         lengths = [n for c in parts for n in c.lengths]
         starts = [s for c in parts for s in c._compact_starts()]
-        capacity = -(-max(n - s for n, s in zip(lengths, starts)) // self.step) * self.step + self.step
-        gathered = [c._gathered(c._compact_starts(), capacity) for c in parts]
-        self.keys = mx.concatenate([k for k, _ in gathered])
-        self.values = mx.concatenate([v for _, v in gathered])
+        filled = [c for c in parts if c.keys is not None]
+        if filled:
+            capacity = -(-max(n - s for n, s in zip(lengths, starts)) // self.step) * self.step + self.step
+            like = filled[0]
+            gathered = [c._gathered(c._compact_starts(), capacity) if c.keys is not None
+                        else like._empty_rows(c.rows, capacity) for c in parts]
+            self.keys = mx.concatenate([k for k, _ in gathered])
+            self.values = mx.concatenate([v for _, v in gathered])
         self.lengths, self.starts = lengths, starts
+
+    def _empty_rows(self, rows: int, capacity: int):
+        """Zero buffers shaped like this cache's, for rows with nothing written yet."""
+        B, H, _, D = self.keys.shape
+        return (mx.zeros((rows, H, capacity, D), self.keys.dtype),
+                mx.zeros((rows, H, capacity, self.values.shape[3]), self.values.dtype))
 
     @property
     def nbytes(self) -> int:
