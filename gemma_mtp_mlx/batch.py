@@ -50,15 +50,14 @@ class _Row:
     max_tokens: int
     sampling: Sampling
     k: int  # draft length
-    key: mx.array  # this row's own random key
+    key: mx.array  # its own random key until it joins; then the engine's `keys` row holds it
     top_logprobs: int
     stats: SpeculativeStats
     prefilled: int = 0  # prompt tokens in the cache
     prefill_time: float = 0.0
     first_token_time: float = 0.0
-    token: Optional[mx.array] = None  # [1]: the newest token, not yet in the cache
-    hidden: Optional[mx.array] = None  # [1, 1, hidden]: the target state that produced it
-    history: Optional[mx.array] = None  # the tokens before `token` (read by logits processors)
+    token: int = -1  # the newest token (its device copy is the engine's `tokens` row)
+    history: Optional[List[int]] = None  # the tokens before `token`, kept for logits processors
     generated: int = 0
 
     @property
@@ -66,22 +65,51 @@ class _Row:
         """Position of `token`: the row's verified length."""
         return self.prompt.size + self.generated - 1
 
-    def next_keys(self, n: int) -> mx.array:
-        """`n` fresh random keys from this row's own stream: [n, 2]."""
-        keys = mx.random.split(self.key, n + 1)
-        self.key = keys[0]
-        return keys[1:]
+    @property
+    def options(self) -> tuple:
+        """Rows with equal options are judged in one vectorised computation; rows with
+        logits processors (which read each row's own history) are judged alone."""
+        s = self.sampling
+        if s.logits_processors:
+            return ("row", self.uid)
+        return (s.temp, s.top_p, s.top_k, s.min_p, s.min_tokens_to_keep, s.draft_mode, self.k, self.top_logprobs)
 
 
 @dataclass
-class _Verified:
-    """What one round computed for one row, still on the device."""
+class _Judged:
+    """One group of rows' round, on the device until `lists`: one row per member."""
 
-    drafts: mx.array  # [k]
-    accepted: mx.array  # []
-    choices: mx.array  # [k + 1]
-    logprobs: mx.array  # [k + 1]: of drafts[:n] then choices[n], at each index
-    top: Optional[Tuple[mx.array, mx.array]]  # (ids, logprobs) [k + 1, top_logprobs]
+    drafts: mx.array  # [G, k]
+    accepted: mx.array  # [G]: leading drafts kept
+    choices: mx.array  # [G, k + 1]: the target's token at each index (emitted at `accepted`)
+    logprobs: mx.array  # [G, k + 1]: of drafts[:n] then choices[n], at each index
+    top: tuple = ()  # (ids, logprobs) [G, k + 1, top_logprobs] when asked for
+
+    def arrays(self) -> list:
+        return [self.drafts, self.accepted, self.choices, self.logprobs, *self.top]
+
+    def lists(self) -> list:
+        """Per member: (drafts, accepted, choices, logprobs, top ids, top logprobs)."""
+        drafts, accepted, choices, logprobs, *top = (a.tolist() for a in self.arrays())
+        top = top or [[[]] * len(accepted)] * 2
+        return list(zip(drafts, accepted, choices, logprobs, *top))
+
+
+class _Groups:
+    """Rows (by index into a batch) split by `_Row.options`."""
+
+    def __init__(self, rows: List[_Row]):
+        by_options = {}
+        for i, r in enumerate(rows):
+            by_options.setdefault(r.options, []).append(i)
+        self.members = list(by_options.values())
+        self.first = [rows[g[0]] for g in self.members]  # each group's options and k
+        self.index = [mx.array(g) for g in self.members]
+        self.inverse = mx.argsort(mx.array([i for g in self.members for i in g]))
+
+    def gather(self, parts: List[mx.array]) -> mx.array:
+        """Per-group arrays [G, ...] back into batch order [B, ...]."""
+        return mx.concatenate(parts)[self.inverse]
 
 
 class BatchEngine:
@@ -100,11 +128,14 @@ class BatchEngine:
         self.max_batch_size = max_batch_size
         self.prefill_step_size = prefill_step_size
         self.eos = set(self.tokenizer.eos_token_ids)
-        self.cache = make_batch_cache(self.target.args, rows=0)  # the active rows'
-        self.prefill_cache = make_batch_cache(self.target.args, rows=0)  # the prefilling rows'
         self.waiting: Deque[_Row] = deque()
         self.prefilling: List[_Row] = []
+        self.prefill_cache = make_batch_cache(self.target.args, rows=0)  # the prefilling rows'
         self.active: List[_Row] = []
+        self.cache = make_batch_cache(self.target.args, rows=0)  # the active rows'
+        # Per active row, on the device: its newest token [B], the target state that produced
+        # it [B, 1, hidden], and its random key [B, 2].
+        self.tokens = self.hidden = self.keys = None
         self._uids = 0
 
     @property
@@ -174,6 +205,11 @@ class BatchEngine:
         self.active = [self.active[i] for i in keep]
         for c in self.cache:
             c.take(keep)
+        if keep:
+            index = mx.array(keep)
+            self.tokens, self.hidden, self.keys = self.tokens[index], self.hidden[index], self.keys[index]
+        else:
+            self.tokens = self.hidden = self.keys = None
 
     def step(self) -> List[RowEvent]:
         """Admit waiting rows and prefill up to `prefill_step_size` more of their prompt
@@ -208,119 +244,131 @@ class BatchEngine:
         for c in self.prefill_cache:  # drop the padding each shorter prompt was given
             c.set_lengths([r.prefilled for r in rows])
         done = [i for i, left in enumerate(remaining) if left <= N]
-        last = [remaining[i] - 1 for i in done]
-        hidden = hidden[mx.array(done), mx.array(last)][:, None] if done else None  # [D, 1, hidden]
-        firsts = [_first_token(rows[i], self.target.logits(hidden[j])) for j, i in enumerate(done)]
-        mx.eval(firsts, hidden, [(c.keys, c.values) for c in self.prefill_cache])
+        events = []
+        if done:
+            hidden = hidden[mx.array(done), mx.array([remaining[i] - 1 for i in done])][:, None]  # [D, 1, hidden]
+            events = self._first_tokens([rows[i] for i in done], hidden, done)
+        else:
+            mx.eval([(c.keys, c.values) for c in self.prefill_cache])
         for r in rows:
             r.prefill_time += time.perf_counter() - tic
-        events = [self._join(rows[i], first, hidden[j : j + 1]) for j, (i, first) in enumerate(zip(done, firsts))]
-        joined = [i for i, e in zip(done, events) if e.finish_reason is None]
-        if joined:
-            for c, row_cache in zip(self.cache, self.prefill_cache):
-                c.extend(row_cache.select(joined))
+            r.stats.prompt_tps = r.prefilled / r.prefill_time
         self.prefilling = [r for i, r in enumerate(rows) if i not in done]
         for c in self.prefill_cache:
             c.take([i for i in range(len(rows)) if i not in done])
         return events
 
-    def _join(self, row: _Row, first: _Verified, hidden: mx.array) -> RowEvent:
-        """Hand out the row's first token; it joins the batch unless that token ends it."""
-        row.first_token_time = time.perf_counter()
-        row.stats.prompt_tps = row.prompt.size / row.prefill_time
-        row.token, row.hidden = first.choices, hidden
-        row.history = row.prompt if row.sampling.logits_processors else None
-        event = self._emit(row, first, from_prefill=True)
-        if event.finish_reason is None:
-            self.active.append(row)
-        return event
+    def _first_tokens(self, rows: List[_Row], hidden: mx.array, cache_rows: List[int]) -> List[RowEvent]:
+        """Each row's token from its prompt's last hidden state [D, 1, hidden]; rows that
+        go on join the batch with their prefill cache rows `cache_rows`."""
+        groups = _Groups(rows)
+        logits = self.target.logits(hidden[:, 0])  # [D, vocab]
+        keys = mx.stack([r.key for r in rows])
+        judged, next_keys = [], []
+        for row, index in zip(groups.first, groups.index):
+            key, draw = _split_keys(keys[index], 1)
+            next_keys.append(key)
+            history = mx.array(row.prompt.tolist()[:-1]) if row.sampling.logits_processors else None
+            judged.append(_first_token(row, row.prompt[-1:], logits[index], draw[:, 0], history))
+        tokens = groups.gather([j.choices[:, 0] for j in judged])
+        keys = groups.gather(next_keys)
+        mx.eval([j.arrays() for j in judged], tokens, keys, hidden,
+                [(c.keys, c.values) for c in self.prefill_cache])
+        events, joined = [], []
+        for members, j in zip(groups.members, judged):
+            for i, values in zip(members, j.lists()):
+                rows[i].first_token_time = time.perf_counter()
+                events.append((i, self._emit(rows[i], *values, from_prefill=True)))
+        events.sort(key=lambda e: e[0])
+        joined = [i for i, e in events if e.finish_reason is None]
+        if joined:
+            self.active += [rows[i] for i in joined]
+            for c, row_cache in zip(self.cache, self.prefill_cache):
+                c.extend(row_cache.select([cache_rows[i] for i in joined]))
+            index = mx.array(joined)
+            new = (tokens[index], hidden[index], keys[index])
+            old = (self.tokens, self.hidden, self.keys)
+            self.tokens, self.hidden, self.keys = (n if o is None else mx.concatenate([o, n]) for o, n in zip(old, new))
+        return [e for _, e in events]
 
     def _round(self) -> List[RowEvent]:
         rows = self.active
+        groups = _Groups(rows)
         K = max(r.k for r in rows)
-        keys = [r.next_keys(r.k + 1) for r in rows]  # per row: k draft keys, then the acceptance key
-        groups = _groups(rows)
-        tokens = mx.concatenate([r.token for r in rows])  # [B]
-        hidden = mx.concatenate([r.hidden for r in rows])  # [B, 1, hidden]
-        drafts, draft_logprobs = self._draft(rows, groups, tokens, hidden, K, keys)  # [B, K], per group
-        inputs = mx.concatenate([tokens[:, None], drafts.astype(tokens.dtype)], axis=1)  # [B, K + 1]
+        split = [_split_keys(self.keys[index], row.k + 1) for row, index in zip(groups.first, groups.index)]
+        self.keys = groups.gather([key for key, _ in split])
+        draw_keys = [keys for _, keys in split]  # per group [G, k + 1, 2]: k draft keys, the acceptance key
+        drafts, draft_logprobs = self._draft(rows, groups, K, draw_keys)  # [B, K], per group
+        inputs = mx.concatenate([self.tokens[:, None], drafts.astype(self.tokens.dtype)], axis=1)  # [B, K + 1]
         logits, hiddens = self.target(inputs, self.cache)  # [B, K + 1, vocab], [B, K + 1, hidden]
-        verified = [None] * len(rows)
-        for group, q in zip(groups, draft_logprobs):
-            for i, v in zip(group, _verify(rows, group, inputs, logits, q, keys)):
-                verified[i] = v
-        mx.eval([(v.drafts, v.accepted, v.choices, v.logprobs, v.top) for v in verified], hiddens)
-        events, keep = [], []
-        for i, (row, v) in enumerate(zip(rows, verified)):
-            n = v.accepted.item()
-            row.hidden = hiddens[i : i + 1, n : n + 1]
-            if row.history is not None:
-                row.history = mx.concatenate([row.history, row.token, v.drafts[:n].astype(row.token.dtype)])
-            row.token = v.choices[n : n + 1]
-            events.append(self._emit(row, v))
-            if events[-1].finish_reason is None:
-                keep.append(i)
+        judged = [_verify(row, index, inputs, logits, q, keys[:, -1])
+                  for row, index, q, keys in zip(groups.first, groups.index, draft_logprobs, draw_keys)]
+        accepted = groups.gather([j.accepted for j in judged])  # [B]
+        self.tokens = groups.gather([mx.take_along_axis(j.choices, j.accepted[:, None], axis=1)[:, 0]
+                                     for j in judged])
+        self.hidden = hiddens[mx.arange(len(rows)), accepted][:, None]
+        mx.eval([j.arrays() for j in judged], self.tokens, self.hidden, self.keys)
+        events = {}
+        for members, j in zip(groups.members, judged):
+            for i, values in zip(members, j.lists()):
+                events[i] = self._emit(rows[i], *values)
         for c in self.cache:  # each row keeps exactly its verified positions
             c.set_lengths([r.position for r in rows])
+        keep = [i for i in range(len(rows)) if events[i].finish_reason is None]
         if len(keep) < len(rows):
             self._keep_rows(keep)
-        return events
+        return [events[i] for i in range(len(rows))]
 
-    def _draft(self, rows, groups, tokens: mx.array, hidden: mx.array, K: int, keys: List[mx.array]):
+    def _draft(self, rows: List[_Row], groups: _Groups, K: int, draw_keys: List[mx.array]):
         """K drafts per row, each at its row's own position over its own verified K/V:
         (drafts [B, K], per group its drafts' log q [G, k, vocab], or None when greedy)."""
         if K == 0:
-            return mx.zeros((len(rows), 0), dtype=mx.uint32), [None] * len(groups)
+            return mx.zeros((len(rows), 0), dtype=mx.uint32), [None] * len(groups.members)
         positions = mx.array([r.position for r in rows])
         window = self.target.args.sliding_window
         views = {t: self.cache[i].drafter_view(window + 1 if self.cache[i].window else None)
                  for t, i in self.target.producers.items()}
         shared_kv = {t: (k, v) for t, (k, v, _) in views.items()}
         masks = {t: m for t, (_, _, m) in views.items()}
-        sampled = [g for g in groups if _samples_drafts(rows[g[0]])]
-        histories = [[rows[g[0]].history, rows[g[0]].token] if rows[g[0]].sampling.logits_processors else None
-                     for g in sampled]  # processors read each draft's history: a group of one
-        logqs = [[] for _ in sampled]
-        order = mx.array([i for g in groups if g not in sampled for i in g] + [i for g in sampled for i in g])
-        inverse = mx.argsort(order)
-        token, drafts = tokens, []
+        sampled = [_samples_drafts(row) for row in groups.first]
+        histories = [[mx.array(row.history), mx.array([row.token], mx.uint32)]
+                     if s and row.sampling.logits_processors else None for row, s in zip(groups.first, sampled)]
+        logqs = [[] for _ in groups.members]
+        token, hidden, drafts = self.tokens, self.hidden, []
         for j in range(K):
             embedding = self.target.embed(token)[:, None]
             state, hidden = self.drafter.step(embedding, hidden, positions, shared_kv, masks)
             token = self.drafter.greedy_token(state)[:, 0]  # [B]
-            if sampled:
+            if any(sampled):
                 logits = self.drafter.logits(state)[:, 0]  # [B, vocab]
-                parts = [token[mx.array(g)] for g in groups if g not in sampled]
-                for g, history, logq in zip(sampled, histories, logqs):
-                    step_keys = mx.stack([keys[i][min(j, rows[i].k)] for i in g])  # drafts past k are ignored
-                    t, q = _draw(rows[g[0]].sampling, logits[mx.array(g)], step_keys, history)
+                parts = []
+                for g, (row, index) in enumerate(zip(groups.first, groups.index)):
+                    if not sampled[g]:
+                        parts.append(token[index])
+                        continue
+                    keys = draw_keys[g][:, min(j, row.k)]  # drafts past the row's k are ignored
+                    t, logq = _draw(row.sampling, logits[index], keys, histories[g])
                     parts.append(t.astype(token.dtype))
-                    logq.append(q)
-                token = mx.concatenate(parts)[inverse]
+                    logqs[g].append(logq)
+                token = groups.gather(parts)
             drafts.append(token)
-        by_group = {tuple(g): mx.stack(q[: rows[g[0]].k], axis=1) for g, q in zip(sampled, logqs)}
-        return mx.stack(drafts, axis=1), [by_group.get(tuple(g)) for g in groups]
+        logqs = [mx.stack(q[: row.k], axis=1) if q else None for q, row in zip(logqs, groups.first)]
+        return mx.stack(drafts, axis=1), logqs
 
-    def _emit(self, row: _Row, v: _Verified, from_prefill: bool = False) -> RowEvent:
+    def _emit(self, row: _Row, drafted: List[int], n: int, choices: List[int], logprobs: List[float],
+              top_ids: List, top_values: List, from_prefill: bool = False) -> RowEvent:
         """Hand out a round's tokens, cut after EOS or at max_tokens; record its stats."""
-        n = v.accepted.item()
-        drafted = v.drafts.tolist()
-        emitted = drafted[:n] + [v.choices.tolist()[n]]
-        logprobs = v.logprobs.tolist()[: n + 1]
-        round_ = _until_stop(Round(row.position, drafted, n, emitted, logprobs, from_prefill),
+        emitted = drafted[:n] + [choices[n]]
+        round_ = _until_stop(Round(row.position, drafted, n, emitted, logprobs[: n + 1], from_prefill),
                              self.eos, row.max_tokens - row.generated)
         row.stats.record(round_)
+        if row.sampling.logits_processors:
+            row.history = row.prompt.tolist() if from_prefill else row.history + [row.token] + drafted[:n]
         row.generated += len(round_.emitted)
-        finish = None
-        if round_.emitted[-1] in self.eos:
-            finish = "stop"
-        elif row.generated >= row.max_tokens:
-            finish = "length"
-        top = []
-        if v.top is not None:
-            ids, values = (a.tolist() for a in v.top)
-            top = [sorted(zip(i, lp), key=lambda t: -t[1]) for i, lp in zip(ids, values)][: len(round_.emitted)]
-        event = RowEvent(row.uid, round_.emitted, round_.logprobs, top,
+        row.token = emitted[-1]
+        finish = "stop" if round_.emitted[-1] in self.eos else "length" if row.generated >= row.max_tokens else None
+        top = [sorted(zip(i, v), key=lambda t: -t[1]) for i, v in zip(top_ids, top_values)]
+        event = RowEvent(row.uid, round_.emitted, round_.logprobs, top[: len(round_.emitted)],
                          [i < round_.accepted for i in range(len(round_.emitted))], finish)
         if finish:
             stats = row.stats
@@ -331,25 +379,11 @@ class BatchEngine:
         return event
 
 
-def _first_token(row: _Row, logits: mx.array) -> _Verified:
-    """The token chosen from the prompt's last logits [1, vocab] (lazy)."""
-    prompt = row.prompt
-    logprobs = row.sampling.process(prompt[:-1], prompt[-1:], logits)
-    token = row.sampling.sample(logprobs, row.next_keys(1)[0])
-    return _Verified(mx.array([], dtype=mx.uint32), mx.array(0), token,
-                     mx.take_along_axis(logprobs, token[:, None].astype(mx.int32), axis=-1)[:, 0],
-                     _top(logprobs, row.top_logprobs))
-
-
-def _groups(rows: List[_Row]) -> List[List[int]]:
-    """Rows one vectorised computation can judge: the same options, draft length and
-    top_logprobs, and no logits processors (those read each row's own history)."""
-    groups = {}
-    for i, r in enumerate(rows):
-        s = r.sampling
-        same = (s.temp, s.top_p, s.top_k, s.min_p, s.min_tokens_to_keep, s.draft_mode, r.k, r.top_logprobs)
-        groups.setdefault(("row", i) if s.logits_processors else same, []).append(i)
-    return list(groups.values())
+def _split_keys(keys: mx.array, n: int):
+    """From each row's key [G, 2]: its next key [G, 2] and `n` keys to draw with [G, n, 2].
+    Each row's keys depend on its own key only, whatever else is in the batch."""
+    split = mx.vmap(lambda key: mx.random.split(key, n + 1))(keys)
+    return split[:, 0], split[:, 1:]
 
 
 def _samples_drafts(row: _Row) -> bool:
@@ -365,52 +399,64 @@ def _draw(sampling: Sampling, logits: mx.array, keys: mx.array, history: Optiona
         token = sampling.sample(logq, keys[0])
         history.append(token.astype(history[-1].dtype))
         return token, logq
-
     logq = sampling.process(None, None, logits)  # each row on its own: no history read
     return mx.vmap(lambda row_logq, key: sampling.sample(row_logq, key))(logq, keys), logq
 
 
-def _verify(rows: List[_Row], group: List[int], inputs: mx.array, logits: mx.array,
-            draft_logprobs: Optional[mx.array], keys: List[mx.array]) -> List[_Verified]:
-    """Judge the drafts of a group of rows, each with its own random key (lazy).
+def _first_token(row: _Row, last: mx.array, logits: mx.array, keys: mx.array, history) -> _Judged:
+    """A group's first tokens from its prompts' last logits [G, vocab] (lazy)."""
+    if history is not None:  # a group of one
+        logprobs = row.sampling.process(history, last, logits)
+    else:
+        logprobs = row.sampling.process(None, None, logits)
+    tokens = mx.vmap(lambda lp, key: row.sampling.sample(lp, key))(logprobs, keys).astype(mx.uint32)
+    chosen = mx.take_along_axis(logprobs, tokens[:, None].astype(mx.int32), axis=-1)
+    G = tokens.shape[0]
+    top = tuple(a[:, None] for a in _top(logprobs, row.top_logprobs))
+    return _Judged(mx.zeros((G, 0), mx.uint32), mx.zeros((G,), mx.int32), tokens[:, None], chosen, top)
+
+
+def _verify(row: _Row, index: mx.array, inputs: mx.array, logits: mx.array,
+            draft_logprobs: Optional[mx.array], keys: mx.array) -> _Judged:
+    """Judge the drafts of one group of rows (options as `row`'s), each with its own key (lazy).
 
     inputs [B, K + 1]: each row's token then its drafts; logits [B, K + 1, vocab];
-    draft_logprobs: the group's [G, k, vocab] (None for greedy drafts)."""
-    row = rows[group[0]]
-    k, top_n, history = row.k, row.top_logprobs, row.history
+    draft_logprobs: the group's [G, k, vocab] (None for greedy drafts); keys [G, 2]."""
+    k, sampling = row.k, row.sampling
+    row_inputs, row_logits = inputs[index, : k + 1], logits[index, : k + 1]
+    if sampling.logits_processors:  # a group of one
+        logprobs = sampling.process(mx.array(row.history), row_inputs[0], row_logits[0])[None]
+    else:  # each position on its own: no history read
+        logprobs = sampling.process(None, None, row_logits.reshape(-1, row_logits.shape[-1]))
+        logprobs = logprobs.reshape(row_logits.shape)
 
     def judge(row_inputs, logprobs, key, q=None):
         drafts = row_inputs[1:]
-        accepted, choices = row.sampling.accept(drafts, q, logprobs, key)
+        if k:
+            accepted, choices = sampling.accept(drafts, q, logprobs, key)
+        else:  # plain decoding: (mx.vmap cannot draw from a [1, vocab] block)
+            accepted, choices = mx.array(0), sampling.sample(logprobs[0], key)[None]
         choices = choices.astype(mx.uint32)
         # index j < accepted: draft j was emitted; index accepted: the target's own choice
         padded = mx.concatenate([drafts, mx.zeros((1,), drafts.dtype)])
         emitted = mx.where(mx.arange(k + 1) < accepted, padded, choices)
         token_logprobs = mx.take_along_axis(logprobs, emitted[:, None].astype(mx.int32), axis=-1)[:, 0]
-        return (accepted, choices, token_logprobs) + (_top(logprobs, top_n) or ())
+        return accepted, choices, token_logprobs
 
-    index = mx.array(group)
-    row_inputs, row_logits = inputs[index, : k + 1], logits[index, : k + 1]
-    if row.sampling.logits_processors:  # a group of one
-        logprobs = row.sampling.process(history, row_inputs[0], row_logits[0])[None]
-    else:  # each position on its own: no history read
-        logprobs = row.sampling.process(None, None, row_logits.reshape(-1, row_logits.shape[-1]))
-    args = [row_inputs, logprobs.reshape(row_logits.shape), mx.stack([keys[i][k] for i in group])]
-    args += [] if draft_logprobs is None else [draft_logprobs]
-    if k and not row.sampling.logits_processors:
+    args = [row_inputs, logprobs, keys] + ([] if draft_logprobs is None else [draft_logprobs])
+    if sampling.logits_processors:
+        out = [a[None] for a in judge(*(a[0] for a in args))]
+    else:
         out = mx.vmap(judge)(*args)
-    else:  # mx.vmap cannot draw from a single [1, vocab] row; a processor row is alone anyway
-        out = [mx.stack(a) for a in zip(*(judge(*(a[j] for a in args)) for j in range(len(group))))]
-    return [_Verified(args[0][j, 1:], out[0][j], out[1][j], out[2][j], (out[3][j], out[4][j]) if top_n else None)
-            for j in range(len(group))]
+    return _Judged(row_inputs[:, 1:], *out, _top(logprobs, row.top_logprobs))
 
 
-def _top(logprobs: mx.array, n: int):
-    """The `n` most likely tokens and their log-probabilities per position, or None."""
+def _top(logprobs: mx.array, n: int) -> tuple:
+    """The `n` most likely tokens and their log-probabilities [..., n] per position, or ()."""
     if n == 0:
-        return None
+        return ()
     n = min(n, logprobs.shape[-1])
-    ids = mx.argpartition(-logprobs, kth=n - 1, axis=-1)[:, :n]
+    ids = mx.argpartition(-logprobs, kth=n - 1, axis=-1)[..., :n]
     return ids, mx.take_along_axis(logprobs, ids, axis=-1)
 
 
