@@ -257,3 +257,36 @@ def test_engine_refuses_text_and_a_draft_length_without_drafter(mlx_pairs):
         BatchEngine(p.target, p.tokenizer, p.drafter).insert("hello", max_tokens=3)
     with pytest.raises(ValueError, match="num_draft_tokens needs a draft model"):
         BatchEngine(p.target, p.tokenizer).insert([5], max_tokens=3, num_draft_tokens=2)
+
+
+def test_logits_processors_logprobs_and_top_logprobs_per_row(default_pair):
+    """A row with a repetition penalty beside rows without: each equals its single-stream
+    run (tokens and the target's log-probabilities; the trained pair accepts drafts, so the
+    penalty's history must include them); top_logprobs rank the emitted token."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    p = default_pair
+    processors = make_logits_processors(repetition_penalty=1.3, repetition_context_size=10)
+    prompt = p.tokenizer.encode("def parse(self, text):\n    for line in text.splitlines():\n")
+    engine = BatchEngine(p.target, p.tokenizer, p.drafter, num_draft_tokens=3)
+    penalized = engine.insert(prompt, max_tokens=50, logits_processors=processors)
+    ranked = engine.insert(prompt[:7], max_tokens=30, top_logprobs=3)
+    sampled = engine.insert(prompt, max_tokens=30, temp=1.0, logits_processors=processors, seed=3)
+    events = {}
+    while engine.has_work:
+        for e in engine.step():
+            events.setdefault(e.uid, []).append(e)
+    for uid, (q, n, options) in {penalized: (prompt, 50, dict(logits_processors=processors)),
+                                 ranked: (prompt[:7], 30, {})}.items():
+        alone = list(stream_generate(p.target, p.tokenizer, q, draft_model=p.drafter, num_draft_tokens=3,
+                                     max_tokens=n, **options))
+        assert [t for e in events[uid] for t in e.tokens] == [r.token for r in alone]
+        logprobs = [lp for e in events[uid] for lp in e.logprobs]
+        assert np.allclose(logprobs, [r.logprob for r in alone], atol=1e-4)
+    unpenalized = single_stream(p, prompt, 50)
+    assert [t for e in events[penalized] for t in e.tokens] != unpenalized
+    for e in events[ranked]:
+        assert len(e.top_logprobs) == len(e.tokens)
+        for token, logprob, top in zip(e.tokens, e.logprobs, e.top_logprobs):
+            assert len(top) == 3 and top[0][0] == token and abs(top[0][1] - logprob) < 1e-6
+    assert len([t for e in events[sampled] for t in e.tokens]) == 30
