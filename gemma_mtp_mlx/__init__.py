@@ -1,5 +1,6 @@
 """Gemma 4 with its Multi-Token-Prediction drafter on MLX: faster, and exactly the target's output."""
 
+from .batch import BatchEngine, BatchResponse, RowEvent, batch_generate
 from .drafter import Drafter, load_drafter
 from .generate import GenerationResponse, SpeculativeStats, generate, make_prompt_cache, stream_generate
 from .loading import load
@@ -8,6 +9,10 @@ from .target import Target
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchEngine",
+    "BatchResponse",
+    "RowEvent",
+    "batch_generate",
     "Drafter",
     "GenerationResponse",
     "SpeculativeStats",

@@ -463,6 +463,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true",
                         help="instead: split each speculative round's time into host graph building, queueing and "
                              "waiting, for each --ks value at the first --temps value")
+    parser.add_argument("--batch-sizes", type=_int_list, default=None, metavar="B,B,...",
+                        help="instead: aggregate tokens/s of batched greedy decoding at these batch sizes "
+                             "(mlx-lm's BatchGenerator, ours without and with the drafter per --ks); "
+                             "writes batch.json")
 
 
 def run_profile(args: argparse.Namespace, model, tokenizer, drafter, prompts) -> None:
@@ -523,6 +527,9 @@ def run(args: argparse.Namespace) -> None:
     if sys.platform == "linux" and mx.default_device() == mx.cpu and "OpenBLAS" not in blas["name"]:
         print("gemma-mtp bench: MLX's CPU backend is using its reference BLAS, which makes every verify cost "
               "(k+1)x a decode step; see bench/README.md for the OpenBLAS LD_PRELOAD", file=sys.stderr)
+    if args.batch_sizes:
+        _run_batched(args, model, tokenizer, drafter, texts)
+        return
     result = run_benchmark(
         model, tokenizer, drafter, [chat_prompt(tokenizer, t) for t in texts],
         ks=args.ks, temps=args.temps, max_tokens=args.max_tokens, repeats=args.repeats, seed=args.seed,
@@ -537,3 +544,19 @@ def run(args: argparse.Namespace) -> None:
     print(f"wrote {json_path} and {md_path}")
     if args.auto:
         print(describe_best(result["best"]))
+
+
+def _run_batched(args, model, tokenizer, drafter, texts) -> None:
+    from .batch_bench import batch_markdown_table, run_batch_benchmark
+
+    target = as_target(model)
+    prompts = [encode_prompt(tokenizer, chat_prompt(tokenizer, t)).tolist() for t in texts]
+    result = run_batch_benchmark(target, tokenizer, drafter, prompts, batch_sizes=args.batch_sizes, ks=args.ks,
+                                 max_tokens=args.max_tokens, repeats=args.repeats,
+                                 progress=lambda line: print(line, file=sys.stderr, flush=True))
+    result.update(machine=machine_info(), command=command_line())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "batch.json").write_text(json.dumps(result, indent=2))
+    print(batch_markdown_table(result))
+    print(f"wrote {out / 'batch.json'}")

@@ -132,18 +132,21 @@ class Drafter(nn.Module):
         self,
         token_embedding: mx.array,
         hidden: mx.array,
-        position: int,
+        position,
         shared_kv: Dict[str, SharedKV],
+        masks: Optional[Dict[str, mx.array]] = None,
     ) -> Tuple[mx.array, mx.array]:
-        """One draft step at `position`, run op by op (`draft` runs the compiled form).
+        """One draft step at `position` (an int, or each row's position [B]), run op by op
+        (`draft` runs the compiled form).
 
         token_embedding, hidden: [B, 1, backbone] (the target's scaled embedding of the
         newest token, and the hidden state that produced it). shared_kv: per layer type, a
-        `SharedKV` or a (keys, values) pair that is all visible.
+        `SharedKV` or a (keys, values) pair that is all visible. `masks` (per layer type,
+        [B, 1, 1, S]) select each row's keys when rows differ in length.
         Returns (final-norm drafter state [B, 1, H], projected hidden [B, 1, backbone]).
         """
         views = {t: SharedKV(*kv).views() for t, kv in shared_kv.items()}
-        return self.forward(token_embedding, hidden, position, views, {})
+        return self.forward(token_embedding, hidden, position, views, masks or {})
 
     def forward(self, token_embedding, hidden, position, kv, masks):
         """The step's layers. kv: per layer type (keys, values) [B, kv_heads, S, D];

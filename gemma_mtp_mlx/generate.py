@@ -149,7 +149,7 @@ def stream_generate(
             if n == 0:
                 stats.prompt_tps = prompt.size / (time.perf_counter() - tic)
                 tic = time.perf_counter()
-            round_ = _until_stop(round_, eos, max_tokens - n)
+            round_ = until_stop(round_, eos, max_tokens - n)
             stats.record(round_)
             for i, (token, logprob) in enumerate(zip(round_.emitted, round_.logprobs)):
                 n += 1
@@ -174,7 +174,7 @@ def stream_generate(
         rollback_cache(cache, start_offset + prompt.size + max(n - 1, 0))
 
 
-def _until_stop(round_: Round, eos, budget: int) -> Round:
+def until_stop(round_: Round, eos, budget: int) -> Round:
     """The round cut after its first EOS or after `budget` tokens: what is handed out.
 
     A cut round ends inside its accepted drafts, so it counts as drafting only those.

@@ -79,19 +79,22 @@ class Sampling:
         logprobs = logprobs / self.temp
         return logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
 
-    def sample(self, logprobs: mx.array) -> mx.array:
-        """One token per row of processed log-probabilities: [N, V] -> [N]."""
+    def sample(self, logprobs: mx.array, key: Optional[mx.array] = None) -> mx.array:
+        """One token per row of processed log-probabilities: [N, V] -> [N]. `key`: an MLX
+        random key (default: the global random state)."""
         if self.sampler is not None:
             return self.sampler(logprobs)
         if self.is_greedy:
             return mx.argmax(logprobs, axis=-1)
-        return mx.random.categorical(logprobs)
+        return mx.random.categorical(logprobs, key=key)
 
-    def accept(self, drafts: mx.array, draft_logprobs: Optional[mx.array], logprobs: mx.array):
+    def accept(self, drafts: mx.array, draft_logprobs: Optional[mx.array], logprobs: mx.array,
+               key: Optional[mx.array] = None):
         """Judge k drafts against the target's processed log-probabilities.
 
         drafts [..., k]; draft_logprobs [..., k, V] (log q; None for one-hot greedy drafts);
-        logprobs [..., k + 1, V] (log p). Leading axes are independent sequences. Returns
+        logprobs [..., k + 1, V] (log p); `key`: an MLX random key for the draws (default:
+        the global random state). Leading axes are independent sequences. Returns
         (accepted count [...], the target's token for every position [..., k + 1]: the one
         emitted after `accepted` drafts is at index `accepted`).
         """
@@ -111,10 +114,13 @@ class Sampling:
             q = mx.exp(draft_logprobs)
         p_draft = mx.take_along_axis(p[..., :k, :], drafts[..., None], axis=-1)[..., 0]
         q_draft = mx.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
-        accepted_each = mx.random.uniform(shape=drafts.shape) * q_draft < p_draft
+        uniform_key, residual_key = mx.random.split(key) if key is not None else (None, None)
+        accepted_each = mx.random.uniform(shape=drafts.shape, key=uniform_key) * q_draft < p_draft
         accepted = mx.cumprod(accepted_each.astype(mx.int32), axis=-1).sum(-1)
         residual = mx.maximum(p[..., :k, :] - q, 0)
         # Where p <= q everywhere the draft is always accepted; keep the row valid anyway.
         residual = mx.where(residual.sum(-1, keepdims=True) > 0, residual, p[..., :k, :])
-        choices = mx.random.categorical(mx.log(mx.concatenate([residual, p[..., k:, :]], axis=-2)))
+        choices = mx.random.categorical(
+            mx.log(mx.concatenate([residual, p[..., k:, :]], axis=-2)), key=residual_key
+        )
         return accepted, choices

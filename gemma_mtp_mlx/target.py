@@ -47,13 +47,17 @@ class Target:
     def __call__(self, tokens: mx.array, cache: List) -> Tuple[mx.array, mx.array]:
         """tokens [1, L] -> (logits [1, L, vocab], final-norm hidden [1, L, hidden])."""
         hidden = self.backbone(tokens, cache=cache)
+        return self.logits(hidden), hidden
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        """Logits [..., vocab] of final-norm hidden states [..., hidden]."""
         if self.lm.tie_word_embeddings:
             logits = self.backbone.embed_tokens.as_linear(hidden)
         else:
             logits = self.lm.lm_head(hidden)
         if self.lm.final_logit_softcapping is not None:
             logits = logit_softcap(self.lm.final_logit_softcapping, logits)
-        return logits, hidden
+        return logits
 
     def drafter_kv(self, cache: List) -> Dict[str, SharedKV]:
         """The producers' K/V buffers and the verified slots the drafter sees, per layer type.

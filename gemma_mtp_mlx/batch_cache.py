@@ -1,0 +1,193 @@
+"""K/V caches for a batch of sequences that each sit at their own length.
+
+Row b holds its positions `[starts[b], lengths[b])` compactly in buffer slots
+`[0, lengths[b] - starts[b])`: every row ends where its own verified positions end, so a
+rejected draft tail is dropped by lowering that row's length alone (its slots are
+overwritten by the next write and masked until then). Nothing is trimmed to the longest
+row and no zeroed key is ever attended to: the masks `make_mask` hands mlx-lm's layers
+(and `drafter_view` hands the drafter) select, per row, exactly the positions single-stream
+decoding would see. `offset` is the per-row position array mlx-lm's attention uses for RoPE.
+
+Full-attention layers keep every position. Sliding-window layers keep, when a write does
+not fit, only each row's last `window + 1` positions (the target's queries need `window - 1`
+earlier keys, the drafter reads `window + 1`), so their memory stays O(window + draft)
+per row at any length.
+"""
+
+from typing import List, Optional, Sequence
+
+import mlx.core as mx
+
+
+class RaggedKVCache:
+    """K/V of one attention layer for B rows of different lengths: [B, kv_heads, slots, D]."""
+
+    def __init__(self, window: Optional[int] = None, rows: int = 1, step: int = 64):
+        self.window = window  # None: full attention
+        self.keep = None if window is None else window + 1
+        self.step = step
+        self.keys = None
+        self.values = None
+        self.lengths: List[int] = [0] * rows  # per row: positions processed
+        self.starts: List[int] = [0] * rows  # per row: the position in slot 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def offset(self) -> mx.array:
+        """Each row's next position [B] (mlx-lm's attention ropes new keys from here)."""
+        return mx.array(self.lengths)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def _used(self, starts: Sequence[int]) -> List[int]:
+        return [n - s for n, s in zip(self.lengths, starts)]
+
+    def _compact_starts(self) -> List[int]:
+        """Row starts once a sliding layer drops what no query or draft will read."""
+        if self.keep is None:
+            return self.starts
+        return [max(s, n - self.keep) for s, n in zip(self.starts, self.lengths)]
+
+    def _plan(self, num_new: int):
+        """Where rows start after making room for `num_new` entries, and the new buffer
+        size (None when the write fits as is)."""
+        used = self._used(self.starts)
+        if self.keys is not None and max(used) + num_new <= self.capacity:
+            return self.starts, None
+        starts = self._compact_starts()
+        kept = max(self._used(starts))
+        if self.keep is not None:
+            return starts, kept + max(num_new, self.step)
+        return starts, -(-(kept + num_new) // self.step) * self.step
+
+    def _gathered(self, starts: Sequence[int], capacity: int):
+        """(keys, values) re-laid so row b's slot 0 holds position starts[b]: [B, H, capacity, D]."""
+        shift = mx.array([new - old for new, old in zip(starts, self.starts)])
+        source = mx.minimum(shift[:, None] + mx.arange(capacity)[None], self.capacity - 1)
+
+        def gather(a):
+            index = mx.broadcast_to(source[:, None, :, None], (*a.shape[:2], capacity, a.shape[3]))
+            return mx.take_along_axis(a, index, axis=2)
+
+        return gather(self.keys), gather(self.values)
+
+    def _make_room(self, keys: mx.array, values: mx.array) -> None:
+        starts, capacity = self._plan(keys.shape[2])
+        if capacity is None:
+            return
+        if self.keys is None:
+            B, H, _, D = keys.shape
+            self.keys = mx.zeros((B, H, capacity, D), keys.dtype)
+            self.values = mx.zeros((B, H, capacity, values.shape[3]), values.dtype)
+        else:
+            self.keys, self.values = self._gathered(starts, capacity)
+        self.starts = list(starts)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """Write each row's new entries right after its own last one; return the buffer up
+        to the longest row's end. keys, values: [B, kv_heads, N, D]."""
+        num_new = keys.shape[2]
+        self._make_room(keys, values)
+        used = self._used(self.starts)
+        if len(set(used)) == 1:
+            self.keys[..., used[0] : used[0] + num_new, :] = keys
+            self.values[..., used[0] : used[0] + num_new, :] = values
+        else:
+            slots = (mx.array(used)[:, None] + mx.arange(num_new)[None])[:, None, :, None]
+            self.keys = mx.put_along_axis(self.keys, mx.broadcast_to(slots, keys.shape), keys, axis=2)
+            self.values = mx.put_along_axis(self.values, mx.broadcast_to(slots, values.shape), values, axis=2)
+        self.lengths = [n + num_new for n in self.lengths]
+        end = max(used) + num_new
+        return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def make_mask(self, N: int, window_size=None, return_array: bool = False) -> mx.array:
+        """[B, 1, N, S] boolean: query n of row b sees exactly the keys single-stream
+        decoding gives it (its own positions, causal, within the window)."""
+        starts, _ = self._plan(N)
+        end = max(self._used(starts)) + N
+        key_pos = mx.array(starts)[:, None] + mx.arange(end)[None]  # [B, S]
+        query_pos = mx.array(self.lengths)[:, None] + mx.arange(N)[None]  # [B, N]
+        distance = query_pos[:, :, None] - key_pos[:, None, :]  # [B, N, S]
+        mask = distance >= 0
+        if self.window is not None:
+            mask = mask & (distance < self.window)
+        return mask[:, None]
+
+    def drafter_view(self, span: Optional[int] = None):
+        """What the drafter reads for a query at each row's next position: (keys, values
+        [B, H, S, D], mask [B, 1, 1, S]) over the verified positions, the last `span` of
+        them when given."""
+        used = self._used(self.starts)
+        end = max(used)
+        slot = mx.arange(end)[None]
+        mask = slot < mx.array(used)[:, None]
+        if span is not None:
+            mask = mask & (slot >= mx.array(used)[:, None] - span)
+        return self.keys[..., :end, :], self.values[..., :end, :], mask[:, None, None]
+
+    def set_lengths(self, lengths: Sequence[int]) -> None:
+        """Roll rows back: row b keeps its positions below lengths[b]."""
+        for new, old, start in zip(lengths, self.lengths, self.starts):
+            if not start <= new <= old:
+                raise RuntimeError(f"cannot move a row from length {old} to {new} (it starts at {start})")
+        self.lengths = list(lengths)
+
+    def take(self, rows: Sequence[int]) -> None:
+        """Keep only `rows`, in that order; the buffer shrinks to the longest kept row."""
+        self.lengths = [self.lengths[i] for i in rows]
+        self.starts = [self.starts[i] for i in rows]
+        if not rows or self.keys is None:
+            self.keys = self.values = None
+            return
+        index = mx.array(list(rows))
+        end = max(self._used(self.starts))
+        capacity = min(self.capacity, -(-end // self.step) * self.step + self.step)
+        self.keys = self.keys[index, :, :capacity]
+        self.values = self.values[index, :, :capacity]
+
+    def select(self, rows: Sequence[int]) -> "RaggedKVCache":
+        """A new cache holding copies of `rows`."""
+        other = RaggedKVCache(self.window, 0, self.step)
+        other.keys, other.values = self.keys, self.values
+        other.lengths, other.starts = list(self.lengths), list(self.starts)
+        other.take(rows)
+        return other
+
+    def extend(self, other: "RaggedKVCache") -> None:
+        """Append `other`'s rows (each keeping only what this layer needs)."""
+        parts = [c for c in (self, other) if c.rows]
+        lengths = [n for c in parts for n in c.lengths]
+        starts = [s for c in parts for s in c._compact_starts()]
+        filled = [c for c in parts if c.keys is not None]
+        if filled:
+            capacity = -(-max(n - s for n, s in zip(lengths, starts)) // self.step) * self.step + self.step
+            like = filled[0]
+            gathered = [c._gathered(c._compact_starts(), capacity) if c.keys is not None
+                        else like._empty_rows(c.rows, capacity) for c in parts]
+            self.keys = mx.concatenate([k for k, _ in gathered])
+            self.values = mx.concatenate([v for _, v in gathered])
+        self.lengths, self.starts = lengths, starts
+
+    def _empty_rows(self, rows: int, capacity: int):
+        """Zero buffers shaped like this cache's, for rows with nothing written yet."""
+        B, H, _, D = self.keys.shape
+        return (mx.zeros((rows, H, capacity, D), self.keys.dtype),
+                mx.zeros((rows, H, capacity, self.values.shape[3]), self.values.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def make_batch_cache(args, rows: int = 1) -> List[RaggedKVCache]:
+    """One ragged cache per K/V-computing layer of a mlx-lm `gemma4_text` model."""
+    num_kv_layers = args.num_hidden_layers - args.num_kv_shared_layers
+    return [
+        RaggedKVCache(args.sliding_window if args.layer_types[i] == "sliding_attention" else None, rows)
+        for i in range(num_kv_layers)
+    ]
