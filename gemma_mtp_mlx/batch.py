@@ -18,7 +18,7 @@ so a rejected tail is dropped by that row alone. `batch_generate` is a loop over
 
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Deque, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
