@@ -11,7 +11,7 @@ from typing import List, Optional
 
 from mlx_lm.sample_utils import make_logits_processors
 
-from . import bench, convert
+from . import bench, convert, distributed
 from .checkpoint import CheckpointError
 from .generate import chat_prompt, load, make_prompt_cache, stream_generate
 from .sampling import DRAFT_MODES
@@ -149,6 +149,13 @@ def run_generate(args) -> None:
 
 
 def load_pair(args):
+    """The model and drafter `args` name; split over the ranks when started by `mlx.launch`
+    (then only rank 0 prints, and every rank samples with the same seed)."""
+    group = distributed.world()
+    if group.size() > 1:
+        distributed.quiet_other_ranks(group)
+        args.seed = distributed.shared_seed(args.seed, group)
+        return distributed.load_sharded(args.model, args.draft_model, no_draft=args.no_draft, group=group)
     if args.no_draft:
         model, tokenizer, _ = load(args.model)
         return model, tokenizer, None
@@ -316,7 +323,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         if args.debug:
             raise
-        print(f"gemma-mtp: error: {e}", file=sys.stderr)
+        print(f"gemma-mtp{distributed.rank_label()}: error: {e}", file=sys.__stderr__)
         return 1
     except KeyboardInterrupt:
         return 130
