@@ -154,6 +154,7 @@ def load_pair(args):
     group = distributed.world()
     if group.size() > 1:
         distributed.quiet_other_ranks(group)
+        distributed.exit_when_terminated(group)
         args.seed = distributed.shared_seed(args.seed, group)
         return distributed.load_sharded(args.model, args.draft_model, no_draft=args.no_draft, group=group)
     if args.no_draft:

@@ -24,7 +24,9 @@ How each piece is split over N ranks (mlx's sharded linear layers):
 """
 
 import os
+import signal
 import sys
+import threading
 from typing import Optional, Tuple
 
 import mlx.core as mx
@@ -175,3 +177,26 @@ def quiet_other_ranks(group) -> None:
     if group.rank() != 0:
         sys.stdout = open(os.devnull, "w")
         sys.stderr = sys.stdout
+
+
+def exit_when_terminated(group) -> None:
+    """Print one clear line and exit when the launcher ends this rank.
+
+    `mlx.launch` terminates the remaining ranks (SIGTERM) when one exits. A rank is then
+    usually blocked inside an all-reduce, where a Python signal handler would never run,
+    so a thread woken through the signal's wakeup fd reports and exits instead.
+    """
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # replaced by the thread's exit
+    signal.set_wakeup_fd(write_fd)
+
+    def report():
+        while os.read(read_fd, 1)[0] != signal.SIGTERM:  # the fd carries every handled signal
+            pass
+        message = (f"gemma-mtp (rank {group.rank()}): stopped: another rank of this run exited, "
+                   "so the launcher ended this one; its error is above\n")
+        os.write(sys.__stderr__.fileno(), message.encode())
+        os._exit(1)
+
+    threading.Thread(target=report, daemon=True, name="rank-watchdog").start()

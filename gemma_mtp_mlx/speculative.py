@@ -62,9 +62,12 @@ def generate_rounds(
     k = num_draft_tokens if drafter is not None else 0
     sampled_drafts = sampling.exact_distribution and sampling.draft_mode == "sampled"
     position = (cache[0].offset if cache else 0) + prompt.size
-    logits, hidden = prefill(target, prompt, cache, prefill_step_size)
-    logprobs = sampling.process(prompt[:-1], prompt[-1:], logits)
-    token = sampling.sample(logprobs)  # [1]
+    # Everything the model computes runs on one stream: in a tensor-parallel run, two
+    # streams could reach their all-reduces in different orders on different ranks.
+    with mx.stream(GENERATION_STREAM):
+        logits, hidden = prefill(target, prompt, cache, prefill_step_size)
+        logprobs = sampling.process(prompt[:-1], prompt[-1:], logits)
+        token = sampling.sample(logprobs)  # [1]
     history = prompt  # every token before `token`
 
     def draft_sampler(history):

@@ -34,7 +34,7 @@ def runs(pairs, tmp_path_factory):
     spec = dict(
         pairs={name: [str(t), str(a)] for name, (t, a) in pairs.items()},
         prompts=[rng.integers(3, 256, size=n).tolist() for n in (5, 2 * WINDOW - 3)],
-        ks=[1, 3, 6], max_tokens=MAX_TOKENS, seeded=dict(temp=1.0, seed=5, k=3),
+        ks=[1, 4], max_tokens=MAX_TOKENS, seeded=dict(temp=1.0, seed=5, k=3),
     )
     root = tmp_path_factory.mktemp("distributed")
     (root / "spec.json").write_text(json.dumps(spec))
@@ -61,7 +61,7 @@ def test_two_ranks_give_single_process_greedy_output_and_telemetry(runs):
         single = runs[1][0]["pairs"][name]["runs"]
         for rank in runs[2]:
             for i, (ref, got) in enumerate(zip(single, rank["pairs"][name]["runs"])):
-                for mode in ("plain", "k1", "k3", "k6"):
+                for mode in ("k1", "k4"):
                     at = first_difference(ref[mode]["tokens"], got[mode]["tokens"])
                     if at is None:
                         assert got[mode]["rounds"] == ref[mode]["rounds"], f"{name} prompt {i} {mode}"
