@@ -19,8 +19,9 @@ How each piece is split over N ranks (mlx's sharded linear layers):
 - embeddings, norms, per-layer-input projections, the LM head: replicated, as in
   mlx-lm's other sharded models.
 - drafter: its query heads split like the target's (each rank attends to its own slice of
-  the target's K/V, so no K/V crosses the wire), its MLP split like the target's; the
-  pre/post projections and the centroid head are small and replicated.
+  the target's K/V, so no K/V crosses the wire: one all-reduce per drafter layer); its MLPs,
+  the pre/post projections and the centroid head are small and replicated, because a
+  draft step is latency-bound and each all-reduce costs a round trip between the Macs.
 """
 
 import os
@@ -128,7 +129,7 @@ def shard_target(target: Target, group) -> None:
 
 
 def shard_drafter(drafter: Drafter, target: Target, group) -> None:
-    """Split the drafter's query heads and MLPs over `group` like `target`'s (call before
+    """Split the drafter's query heads over `group` like `target`'s (call before
     `shard_target`, which changes the target's head counts)."""
     if group.size() == 1:
         return
@@ -140,7 +141,6 @@ def shard_drafter(drafter: Drafter, target: Target, group) -> None:
         # Its queries read the target's rank-local K/V: split them over the same heads.
         layer.self_attn.n_kv_heads = target_kv_heads[layer.layer_type]
         _shard_attention(layer.self_attn, group, what)
-        _shard_mlp(layer.mlp, group, f"{what} MLP")
 
 
 def load_sharded(path_or_repo=None, draft_model=None, *, no_draft: bool = False, group=None):

@@ -66,7 +66,7 @@ def main():
                 assert plain == entry[f"k{spec['ks'][0]}"]["tokens"]
                 entry["gaps"] = top2_gaps(target, prompt + plain)[len(prompt) - 1:]
             runs.append(entry)
-        result["pairs"][name] = dict(runs=runs, split_bytes=split_bytes(target.model) + split_bytes(drafter))
+        result["pairs"][name] = dict(runs=runs, split_bytes=split_bytes(target.model))
     (out_dir / f"rank{group.rank()}.json").write_text(json.dumps(result))
     sys.stdout.flush()
     os._exit(0)  # skip interpreter teardown (tens of seconds with a live ring group)
