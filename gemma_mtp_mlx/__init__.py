@@ -1,14 +1,8 @@
 """Gemma 4 with its Multi-Token-Prediction drafter on MLX: faster, and exactly the target's output."""
 
 from .drafter import Drafter, load_drafter
-from .generate import (
-    GenerationResponse,
-    SpeculativeStats,
-    generate,
-    load,
-    make_prompt_cache,
-    stream_generate,
-)
+from .generate import GenerationResponse, SpeculativeStats, generate, make_prompt_cache, stream_generate
+from .loading import load
 from .target import Target
 
 __version__ = "0.1.0"

@@ -5,14 +5,15 @@ mlx-lm's own generation of the same target (the ecosystem baseline), and specula
 decoding for each draft length k and temperature. Repeats are interleaved (every
 configuration once per repeat, alternating direction) so that drift hits all alike.
 
-Besides tokens/s it measures the two costs that decide the speedup (DESIGN.md 7):
-`c`, a drafter step relative to one target decode step, and `v(k)`, a target verify
-forward of k + 1 tokens relative to one decode step. One round of k drafts then costs
-v(k) + k * c decode steps and yields the mean accepted length in tokens, so the
-predicted speedup is mean accepted length / (v(k) + k * c).
+Besides tokens/s it measures the two costs that decide the speedup: `c`, a drafter step
+relative to one target decode step, and `v(k)`, a target verify forward of k + 1 tokens
+relative to one decode step. One round of k drafts then costs v(k) + k * c decode steps
+and yields the mean accepted length in tokens, while plain decoding yields one token per
+decode step, so the predicted speedup is mean accepted length / (v(k) + k * c).
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -30,8 +31,9 @@ from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 
 from .cache import rollback_cache
-from .generate import DEFAULT_MODEL, DEFAULT_PROMPTS_FILE, SpeculativeStats, chat_prompt, encode_prompt, load, stream_generate
-from .target import Target
+from .generate import chat_prompt, encode_prompt, stream_generate
+from .loading import DEFAULT_MODEL, DEFAULT_PROMPTS_FILE, as_target, load
+from .stats import SpeculativeStats
 
 DEFAULT_KS = (1, 2, 3, 4, 6, 8)
 DEFAULT_TEMPS = (0.0, 0.7)
@@ -88,7 +90,7 @@ def run_benchmark(
     median tokens/s over `repeats`, ratio to plain decoding at the same temperature,
     acceptance statistics, peak memory and predicted speedup.
     """
-    target = model if isinstance(model, Target) else Target(model)
+    target = as_target(model)
     ks, temps = tuple(ks), tuple(temps)
     _check_options(draft_model, prompts, ks, temps, max_tokens, repeats)
     report = progress or (lambda line: None)
@@ -158,7 +160,7 @@ def _run_ours(target, tokenizer, drafter, prompt, config: Config, max_tokens: in
                                 temp=config.temp, seed=seed):
         pass
     stats = last.stats
-    return Run(stats.generation_tokens, stats.generation_tokens / stats.generation_tps, stats.peak_memory_gb, stats)
+    return Run(stats.generation_tokens, stats.generation_tokens / stats.generation_tps, stats.peak_memory, stats)
 
 
 def _run_mlx_lm(target, tokenizer, prompt, temp: float, max_tokens: int, seed: int) -> Run:
@@ -173,21 +175,6 @@ def _run_mlx_lm(target, tokenizer, prompt, temp: float, max_tokens: int, seed: i
 def _tokens_per_s(runs: List[Run]) -> float:
     """Tokens/s of one repeat: all its prompts' tokens over all their generation time."""
     return sum(r.tokens for r in runs) / sum(r.seconds for r in runs)
-
-
-def _pooled_stats(stats: List[SpeculativeStats]) -> SpeculativeStats:
-    """The API's counts summed over runs, so the rates weigh every round alike."""
-    k = stats[0].num_draft_tokens
-    pooled = SpeculativeStats(num_draft_tokens=k, accepted_by_position=[0] * k, drafted_by_position=[0] * k)
-    for s in stats:
-        pooled.rounds += s.rounds
-        pooled.drafted_tokens += s.drafted_tokens
-        pooled.accepted_tokens += s.accepted_tokens
-        pooled.fallback_rounds += s.fallback_rounds
-        pooled.generation_tokens += s.generation_tokens
-        pooled.accepted_by_position = [a + b for a, b in zip(pooled.accepted_by_position, s.accepted_by_position)]
-        pooled.drafted_by_position = [a + b for a, b in zip(pooled.drafted_by_position, s.drafted_by_position)]
-    return pooled
 
 
 def _summarise(config: Config, repeats: List[List[Run]], costs: dict) -> dict:
@@ -212,7 +199,7 @@ def _summarise(config: Config, repeats: List[List[Run]], costs: dict) -> dict:
         measured_over_predicted=None,
     )
     if config.kind != "mlx-lm":
-        stats = _pooled_stats([r.stats for r in every_run])
+        stats = functools.reduce(SpeculativeStats.merge, [r.stats for r in every_run])  # rates over every round
         result.update(mean_accepted_length=stats.mean_accepted_length,
                       acceptance_by_position=stats.acceptance_by_position,
                       rejection_rate=stats.rejection_rate, fallback_rate=stats.fallback_rate)
@@ -432,30 +419,28 @@ def _float_list(text: str) -> Tuple[float, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="target: local directory (a converted pair brings its drafter) or Hub repo id "
-                             "(default: the pair that ships with the package)")
+                        help="target: local directory (a converted pair brings its drafter) or Hub repo id; "
+                             "unset: the pair that ships with the package")
     parser.add_argument("--draft-model", default=None,
-                        help="gemma4_assistant drafter: directory or Hub repo id (default: the pair's own)")
+                        help="gemma4_assistant drafter: directory or Hub repo id; unset: the pair's own")
     parser.add_argument("--prompts", default=None, metavar="FILE",
                         help="one prompt per line, each wrapped in the chat template when the tokenizer has "
-                             "one; in a .jsonl file each line is a JSON string (default: the default model's "
-                             f"held-out code prompts, else {len(DEFAULT_PROMPTS)} built-in prompts)")
+                             "one; in a .jsonl file each line is a JSON string; unset: the default model's "
+                             f"held-out code prompts, else {len(DEFAULT_PROMPTS)} built-in prompts")
     parser.add_argument("--ks", type=_int_list, default=",".join(map(str, DEFAULT_KS)),
-                        help="draft lengths to measure, comma-separated (default: %(default)s)")
+                        help="draft lengths to measure, comma-separated")
     parser.add_argument("--temps", type=_float_list, default=",".join(map(str, DEFAULT_TEMPS)),
-                        help="temperatures to measure, comma-separated; 0 is greedy (default: %(default)s)")
+                        help="temperatures to measure, comma-separated; 0 is greedy")
     parser.add_argument("--max-tokens", type=int, default=128,
-                        help="most tokens generated per prompt and run (default: %(default)s)")
+                        help="most tokens generated per prompt and run")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="interleaved repeats; tokens/s is their median (default: %(default)s)")
+                        help="interleaved repeats; tokens/s is their median")
     parser.add_argument("--seed", type=int, default=0,
-                        help="random seed of the sampled runs (default: %(default)s)")
+                        help="random seed of the sampled runs")
     parser.add_argument("--out", default=DEFAULT_OUT,
-                        help="directory for bench.json and bench.md (default: %(default)s)")
+                        help="directory for bench.json and bench.md")
     parser.add_argument("--auto", action="store_true",
-                        help="also pick and print the k with the highest tokens/s at the first --temps value "
-                             "(default: %(default)s)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors (default: %(default)s)")
+                        help="also pick and print the k with the highest tokens/s at the first --temps value")
 
 
 def read_prompts(path) -> List[str]:

@@ -9,6 +9,7 @@ positions, so a rejected draft tail can be dropped at any context length (mlx-lm
 from typing import List
 
 import mlx.core as mx
+from mlx_lm.models import cache as mlx_lm_cache
 from mlx_lm.models.cache import KVCache
 
 
@@ -107,11 +108,25 @@ class SlidingKVCache:
 
     @property
     def state(self):
-        return self.keys, self.values
+        """Everything the cache holds, for mlx-lm's `save_prompt_cache`: the filled slots
+        [B, kv_heads, used, D] and the positions they stand for."""
+        keys, values = (None, None) if self.keys is None else self.last(self.used)
+        return keys, values, self.window, self.keep, self.step, self.offset, self.start, self.used
 
-    @property
-    def meta_state(self):
-        return tuple(map(str, (self.window, self.keep, self.step, self.offset, self.start, self.used)))
+    @state.setter
+    def state(self, state):
+        self.keys, self.values, self.window, self.keep, self.step, self.offset, self.start, self.used = state
+
+    @classmethod
+    def from_state(cls, state):
+        """The cache `state` describes (mlx-lm's `load_prompt_cache` calls this)."""
+        cache = cls.__new__(cls)
+        cache.state = state
+        return cache
+
+
+# mlx-lm's load_prompt_cache finds each cache's class by name in its own module.
+setattr(mlx_lm_cache, SlidingKVCache.__name__, SlidingKVCache)
 
 
 def rollback_needed(num_draft_tokens: int) -> int:

@@ -1,8 +1,11 @@
 """Finding checkpoints and reading their configs and weights.
 
-Google publishes Gemma 4 text configs with `global_head_dim` / `num_global_key_value_heads`;
-transformers 5.x saves a `per_layer_config` map instead. Both are read here and turned into
-the published form, which is what mlx-lm's `gemma4_text` understands.
+Which model types are targets and which are drafters is decided here. Google publishes
+Gemma 4 text configs with `global_head_dim` / `num_global_key_value_heads`; transformers
+5.x saves a `per_layer_config` map instead. Both are read here and turned into the
+published form, which is what mlx-lm's `gemma4_text` understands. The 12B's text stack
+(`gemma4_unified_text`) is mlx-lm's `gemma4_text` without per-layer inputs, so its config
+is mapped onto that too.
 """
 
 import glob
@@ -13,8 +16,51 @@ from typing import Dict, Optional
 import mlx.core as mx
 
 
+# The 12B is `gemma4_unified` (its text config `gemma4_unified_text`), every other size
+# `gemma4` / `gemma4_text`; their drafters are `gemma4_unified_assistant` / `gemma4_assistant`.
+TARGET_TYPES = ("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text")
+DRAFTER_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
+
+# gemma4_unified_text on mlx-lm's gemma4_text: what the 12B's text stack does not have...
+UNIFIED_TEXT_ABSENT = {
+    "hidden_size_per_layer_input": 0,
+    "vocab_size_per_layer_input": 0,
+    "enable_moe_block": False,
+}
+# ...and transformers' Gemma4UnifiedTextConfig defaults where mlx-lm's gemma4_text differs.
+UNIFIED_TEXT_DEFAULTS = {
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 30,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 262144,
+    "sliding_window": 1024,
+    "sliding_window_pattern": 6,
+    "final_logit_softcapping": None,
+    "num_kv_shared_layers": 0,
+    "use_double_wide_mlp": False,
+}
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with what to do about it."""
+
+
+def check_model_type(path: Path, config: Dict, role: str) -> None:
+    """Refuse a checkpoint that is not a Gemma 4 `role` ("target" or "drafter"); when it is
+    the other role, say that target and drafter were swapped."""
+    model_type = config.get("model_type")
+    if role == "target" and model_type not in TARGET_TYPES:
+        hint = " (that is a drafter: pass it as draft_model / --draft-model)" if model_type in DRAFTER_TYPES else ""
+        raise CheckpointError(
+            f"{path} holds a {model_type!r} model{hint}; the target must be one of {', '.join(TARGET_TYPES)}"
+        )
+    if role == "drafter" and model_type not in DRAFTER_TYPES:
+        hint = " (that is a target: pass it as model / --model)" if model_type in TARGET_TYPES else ""
+        raise CheckpointError(
+            f"{path} holds a {model_type!r} model{hint}, not a Gemma 4 drafter ({' or '.join(DRAFTER_TYPES)}); "
+            "pass the matching '-assistant' checkpoint as the draft model"
+        )
 
 
 def resolve_path(path_or_repo: str) -> Path:
@@ -63,6 +109,15 @@ def published_text_config(text_config: Dict) -> Dict:
             config.setdefault("global_head_dim", full[0].get("head_dim", config.get("head_dim")))
             if "num_key_value_heads" in full[0]:
                 config.setdefault("num_global_key_value_heads", full[0]["num_key_value_heads"])
+    return config
+
+
+def mlx_lm_text_config(text_config: Dict) -> Dict:
+    """A Gemma 4 text config as mlx-lm's `gemma4_text` reads it: the published form, and a
+    `gemma4_unified_text` (12B) config mapped onto `gemma4_text`."""
+    config = published_text_config(text_config)
+    if config.get("model_type") == "gemma4_unified_text":
+        config = {**UNIFIED_TEXT_DEFAULTS, **config, **UNIFIED_TEXT_ABSENT, "model_type": "gemma4_text"}
     return config
 
 

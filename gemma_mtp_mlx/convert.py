@@ -31,10 +31,17 @@ from mlx.utils import tree_map
 from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
 from . import __version__
-from .checkpoint import CheckpointError, published_text_config, quantization, read_config, resolve_path
+from .checkpoint import (
+    CheckpointError,
+    check_model_type,
+    published_text_config,
+    quantization,
+    read_config,
+    resolve_path,
+)
 from .drafter import Drafter, check_pair, load_drafter
-from .generate import PAIR_DRAFTER_DIR
-from .target import TARGET_TYPES, Target, _mlx_lm_overrides
+from .loading import PAIR_DRAFTER_DIR
+from .target import Target, mlx_lm_config
 
 DTYPES = ("bfloat16", "float16", "float32")
 Q_BITS = (4, 8)
@@ -200,14 +207,7 @@ def _check_apart(src: Path, out: Path) -> None:
 
 def _check_target_source(path: Path) -> Dict:
     config = read_config(path)
-    model_type = config.get("model_type")
-    if model_type not in TARGET_TYPES:
-        hint = (" (that is a drafter: pass it as --draft-model / draft_model)"
-                if model_type == "gemma4_assistant" else "")
-        raise CheckpointError(
-            f"{path} holds a {model_type!r} model{hint}; "
-            f"the target must be one of {', '.join(TARGET_TYPES)}"
-        )
+    check_model_type(path, config, "target")
     _check_unquantized(path, config)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file():
         raise CheckpointError(
@@ -219,13 +219,7 @@ def _check_target_source(path: Path) -> Dict:
 
 def _check_drafter_source(path: Path) -> None:
     config = read_config(path)
-    model_type = config.get("model_type")
-    if model_type != "gemma4_assistant":
-        hint = " (that is a target: pass it as --model / model)" if model_type in TARGET_TYPES else ""
-        raise CheckpointError(
-            f"{path} holds a {model_type!r} model{hint}, not a gemma4_assistant drafter; "
-            "pass the matching '-assistant' checkpoint as the draft model"
-        )
+    check_model_type(path, config, "drafter")
     _check_unquantized(path, config)
 
 
@@ -239,7 +233,7 @@ def _check_unquantized(path: Path, config: Dict) -> None:
 def _load_target_lazily(path: Path, config: Dict) -> nn.Module:
     """The target through mlx-lm, weights not yet read (mx.load checks the file headers)."""
     try:
-        model, _ = load_model(path, lazy=True, model_config=_mlx_lm_overrides(config))
+        model, _ = load_model(path, lazy=True, model_config=mlx_lm_config(config))
     except FileNotFoundError as e:
         raise CheckpointError(f"{path} has no model*.safetensors weight files") from e
     except RuntimeError as e:  # mx.load: truncated or corrupt safetensors
@@ -335,12 +329,12 @@ def _save_weights(dst: Path, module: nn.Module) -> None:
 
 
 def _converted_target_config(config: Dict) -> Dict:
-    """The source config as mlx-lm reads it: published text-config form, text vocab size at
-    the top for the multimodal layout, and no vision/audio towers (they are not converted)."""
-    overrides = _mlx_lm_overrides(config)
-    if config["model_type"] == "gemma4_text":
-        return overrides
-    converted = {**config, **overrides}
+    """The source config as mlx-lm reads it (`mlx_lm_config`: a 12B's mapped onto gemma4 /
+    gemma4_text), without vision/audio towers (they are not converted)."""
+    mapped = mlx_lm_config(config)
+    if "text_config" not in mapped:
+        return mapped
+    converted = {**config, **mapped}
     converted.pop("vision_config", None)
     converted.pop("audio_config", None)
     return converted
@@ -463,25 +457,26 @@ def _format_bytes(n: int) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
-                        help="target to convert (gemma4 or gemma4_text): Hub repo id or local directory")
+                        help="target to convert (gemma4, gemma4_text, gemma4_unified or "
+                             "gemma4_unified_text): Hub repo id or local directory")
     parser.add_argument("--draft-model", required=True,
-                        help="its gemma4_assistant drafter: Hub repo id or local directory")
+                        help="its gemma4_assistant or gemma4_unified_assistant drafter: "
+                             "Hub repo id or local directory")
     parser.add_argument("-o", "--out", required=True,
                         help="output directory for the pair (the drafter goes to OUT/drafter)")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16",
-                        help="dtype of the weights that are not quantized (default: %(default)s)")
+                        help="dtype of the weights that are not quantized")
     parser.add_argument("-q", "--quantize", action="store_true",
-                        help="quantize the target, and the drafter unless --draft-q-bits none "
-                             "(default: %(default)s)")
+                        help="quantize the target, and the drafter unless --draft-q-bits none")
     parser.add_argument("--q-bits", type=int, choices=Q_BITS, default=4,
-                        help="bits per quantized weight (default: %(default)s)")
+                        help="bits per quantized weight")
     parser.add_argument("--q-group-size", type=int, choices=Q_GROUP_SIZES, default=64,
-                        help="weights sharing one scale and bias (default: %(default)s)")
+                        help="weights sharing one scale and bias")
     parser.add_argument("--draft-q-bits", choices=("same", "4", "8", "none"), default="same",
                         help="drafter bits: 'same' follows the target (unquantized without -q), "
-                             "'none' keeps it unquantized (default: %(default)s)")
+                             "'none' keeps it unquantized")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing non-empty output directory (default: %(default)s)")
+                        help="replace an existing non-empty output directory")
 
 
 def run(args: argparse.Namespace) -> None:

@@ -149,7 +149,7 @@ def load_sharded(path_or_repo=None, draft_model=None, *, no_draft: bool = False,
     The target is loaded lazily and split before its weights are read, so each rank
     materialises only its own slice of the split layers (plus the replicated ones).
     """
-    from .generate import load
+    from .loading import load
 
     group = group or world()
     target, tokenizer, drafter = load(path_or_repo, draft_model, lazy=True)

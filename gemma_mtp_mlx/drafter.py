@@ -1,4 +1,4 @@
-"""The MTP drafter: Google's `gemma4_assistant` checkpoints on MLX.
+"""The MTP drafter: Google's `gemma4_assistant` / `gemma4_unified_assistant` checkpoints on MLX.
 
 A few Gemma 4 decoder layers (mlx-lm's own `DecoderLayer`, built with every layer
 K/V-shared) that read the target's K/V instead of computing their own. One draft step
@@ -17,10 +17,11 @@ from mlx_lm.models import gemma4_text
 
 from .checkpoint import (
     CheckpointError,
+    check_model_type,
     head_dim,
     kv_heads,
     load_safetensors,
-    published_text_config,
+    mlx_lm_text_config,
     quantization,
     read_config,
     resolve_path,
@@ -28,12 +29,19 @@ from .checkpoint import (
 
 DEFAULT_NUM_DRAFT_TOKENS = 4
 
+
+def _published_pair(size: str) -> str:
+    base = f"google/gemma-4-{size}-it"
+    return (
+        f"{base} with {base}-assistant (a QAT target {base}-qat-q4_0-unquantized "
+        f"with {base}-qat-q4_0-unquantized-assistant)"
+    )
+
+
 # backbone hidden size -> the published pair, for error messages
 KNOWN_PAIRS = {
-    1536: "google/gemma-4-E2B-it with google/gemma-4-E2B-it-assistant",
-    2560: "google/gemma-4-E4B-it with google/gemma-4-E4B-it-assistant",
-    2816: "google/gemma-4-26B-A4B-it with google/gemma-4-26B-A4B-it-assistant",
-    5376: "google/gemma-4-31B-it with google/gemma-4-31B-it-assistant",
+    hidden: _published_pair(size)
+    for hidden, size in {1536: "E2B", 2560: "E4B", 3840: "12B", 2816: "26B-A4B", 5376: "31B"}.items()
 }
 
 
@@ -48,19 +56,24 @@ class DrafterArgs:
 
     @classmethod
     def from_config(cls, config: Dict, generation_config: Optional[Dict] = None):
-        text = published_text_config(config.get("text_config") or {})
+        text = mlx_lm_text_config(config.get("text_config") or {})
         text["num_kv_shared_layers"] = text.get("num_hidden_layers", 4)
         text.setdefault("hidden_size_per_layer_input", 0)
         text.setdefault("use_double_wide_mlp", False)
         text.setdefault("final_logit_softcapping", None)
         return cls(
             text=gemma4_text.ModelArgs.from_dict(text),
-            backbone_hidden_size=config.get("backbone_hidden_size", 1536),
+            backbone_hidden_size=config.get("backbone_hidden_size", _default_backbone(config)),
             use_ordered_embeddings=config.get("use_ordered_embeddings", False),
             num_centroids=config.get("num_centroids", 2048),
             centroid_intermediate_top_k=config.get("centroid_intermediate_top_k", 32),
             num_assistant_tokens=(generation_config or {}).get("num_assistant_tokens"),
         )
+
+
+def _default_backbone(config: Dict) -> int:
+    """transformers' default: the 12B's width for its assistant, E2B's otherwise."""
+    return 3840 if config.get("model_type") == "gemma4_unified_assistant" else 1536
 
 
 class CentroidHead(nn.Module):
@@ -163,18 +176,19 @@ class Drafter(nn.Module):
     ) -> Tuple[mx.array, Optional[mx.array]]:
         """Draft `num_tokens` tokens after `token` (at `position`).
 
-        `sample(input_token, logits [1, vocab]) -> (token [1], log q [1, vocab])` draws each
-        draft from the drafter's processed distribution; without it drafting is greedy.
+        `sample(tokens [j + 1], logits [1, vocab]) -> (token [1], log q [1, vocab])` draws
+        each draft from the drafter's processed distribution, given `token` and the j drafts
+        before it; without it drafting is greedy.
         Returns (drafts [num_tokens], log q [num_tokens, vocab] or None when greedy).
         Builds one lazy graph: nothing here waits for the device.
         """
-        drafts, draft_logprobs = [], []
+        first, drafts, draft_logprobs = token, [], []
         for _ in range(num_tokens):
             state, hidden = self.step(embed(token)[None], hidden, position, shared_kv)
             if sample is None:
                 token = self.greedy_token(state)[0]  # [1]
             else:
-                token, logq = sample(token, self.logits(state)[0])
+                token, logq = sample(mx.concatenate([first, *drafts]), self.logits(state)[0])
                 draft_logprobs.append(logq)
             drafts.append(token)
         return mx.concatenate(drafts), mx.concatenate(draft_logprobs) if draft_logprobs else None
@@ -192,14 +206,10 @@ class Drafter(nn.Module):
 
 
 def load_drafter(path_or_repo) -> Drafter:
-    """Load a `gemma4_assistant` drafter (HF layout, or one this package converted)."""
+    """Load a Gemma 4 drafter (HF layout, or one this package converted)."""
     path = resolve_path(str(path_or_repo))
     config = read_config(path)
-    if config.get("model_type") != "gemma4_assistant":
-        raise CheckpointError(
-            f"{path} holds a {config.get('model_type')!r} model, not a gemma4_assistant drafter; "
-            "pass the matching '-assistant' checkpoint as the draft model"
-        )
+    check_model_type(path, config, "drafter")
     generation_file = path / "generation_config.json"
     generation = json.loads(generation_file.read_text()) if generation_file.is_file() else None
     drafter = Drafter(DrafterArgs.from_config(config, generation))
@@ -222,7 +232,13 @@ def load_drafter(path_or_repo) -> Drafter:
 
 
 def check_pair(target, drafter: Drafter) -> None:
-    """Raise a CheckpointError naming both values if the drafter cannot draft for the target."""
+    """Raise a CheckpointError naming both values if the drafter cannot draft for the target.
+
+    The drafter computes no K/V: each of its layers attends to the target's K/V of the same
+    layer type, so the K/V head count and head dim are the target's. It works when its
+    queries have that head dim and their head count is a multiple of the target's K/V
+    heads; its own config's K/V head counts play no part.
+    """
     t, d = target.args, drafter.args.text
     hint = KNOWN_PAIRS.get(t.hidden_size)
     pairing = f": pair {hint}" if hint else ": use the assistant published with this target"
@@ -242,7 +258,8 @@ def check_pair(target, drafter: Drafter) -> None:
         name = layer_type.replace("_attention", "")
         if head_dim(d, layer_type) != head_dim(t, layer_type):
             raise mismatch(f"{name} head_dim", head_dim(d, layer_type), head_dim(t, layer_type))
-        if kv_heads(d, layer_type) != kv_heads(t, layer_type):
-            raise mismatch(
-                f"{name} key/value heads", kv_heads(d, layer_type), kv_heads(t, layer_type)
+        if d.num_attention_heads % kv_heads(t, layer_type):
+            raise CheckpointError(
+                f"the drafter's {d.num_attention_heads} query heads are not a multiple of the "
+                f"target's {kv_heads(t, layer_type)} {name} key/value heads{pairing}"
             )

@@ -1,8 +1,7 @@
-"""The Python API: `load`, `stream_generate`, `generate`, shaped like mlx-lm's."""
+"""The Python API: `stream_generate` and `generate`, shaped like mlx-lm's (`load` is in loading.py)."""
 
 import time
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Callable, Generator, List, Optional, Union
 
 import mlx.core as mx
@@ -10,77 +9,20 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cache import SlidingKVCache, rollback_cache, rollback_needed
-from .checkpoint import resolve_path
-from .drafter import Drafter, check_pair, load_drafter
+from .drafter import Drafter, check_pair
+from .loading import as_target
 from .sampling import Sampling
 from .speculative import Round, generate_rounds
-from .target import Target, load_target
-
-
-@dataclass
-class SpeculativeStats:
-    """Counts over the rounds whose tokens were handed out."""
-
-    num_draft_tokens: int = 0
-    rounds: int = 0
-    drafted_tokens: int = 0
-    accepted_tokens: int = 0
-    fallback_rounds: int = 0  # rounds where no draft was accepted
-    accepted_by_position: List[int] = field(default_factory=list)
-    drafted_by_position: List[int] = field(default_factory=list)
-    prompt_tokens: int = 0
-    prompt_tps: float = 0.0
-    generation_tokens: int = 0
-    generation_tps: float = 0.0
-    peak_memory_gb: float = 0.0
-    rounds_log: Optional[List[dict]] = None
-
-    @property
-    def mean_accepted_length(self) -> float:
-        """Tokens per round: accepted drafts per round + 1."""
-        return self.accepted_tokens / self.rounds + 1 if self.rounds else 0.0
-
-    @property
-    def acceptance_by_position(self) -> List[float]:
-        """Fraction of rounds drafting position i whose draft i was accepted."""
-        return [a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position)]
-
-    @property
-    def rejection_rate(self) -> float:
-        drafted = self.drafted_tokens
-        return (drafted - self.accepted_tokens) / drafted if drafted else 0.0
-
-    @property
-    def fallback_rate(self) -> float:
-        return self.fallback_rounds / self.rounds if self.rounds else 0.0
-
-    def record(self, round_: Round) -> None:
-        if self.rounds_log is not None:
-            self.rounds_log.append(
-                dict(position=round_.position, drafted=round_.drafted, accepted=round_.accepted,
-                     emitted=round_.emitted, prefill=round_.from_prefill)
-            )
-        if round_.from_prefill:
-            return
-        self.rounds += 1
-        self.drafted_tokens += len(round_.drafted)
-        self.accepted_tokens += round_.accepted
-        self.fallback_rounds += bool(round_.drafted) and round_.accepted == 0
-        for i in range(len(round_.drafted)):
-            self.drafted_by_position[i] += 1
-            self.accepted_by_position[i] += i < round_.accepted
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        if d["rounds_log"] is None:
-            del d["rounds_log"]
-        for name in ("mean_accepted_length", "acceptance_by_position", "rejection_rate", "fallback_rate"):
-            d[name] = getattr(self, name)
-        return d
+from .stats import SpeculativeStats
 
 
 @dataclass
 class GenerationResponse:
+    """One generated token, shaped like mlx-lm's `GenerationResponse`, with two differences:
+    `logprob` is this token's log-probability (a float), where mlx-lm's `logprobs` is the
+    whole distribution (an array [vocab]); and the last response carries `stats`.
+    `from_draft` is True for a draft the target accepted."""
+
     text: str  # the new text segment
     token: int
     logprob: float  # the token's log-probability under the target's processed distribution
@@ -89,50 +31,14 @@ class GenerationResponse:
     prompt_tps: float
     generation_tokens: int
     generation_tps: float
-    peak_memory: float
+    peak_memory: float  # GB
     finish_reason: Optional[str] = None  # "stop" (EOS) or "length" on the last response
     stats: Optional[SpeculativeStats] = None  # on the last response
 
 
-PAIR_DRAFTER_DIR = "drafter"  # a converted pair keeps its drafter here, beside the target
-
-# The default pair ships inside the package (Hugging Face layout); see
-# scripts/train_default_pair.py and models/training.json.
-MODELS_DIR = Path(__file__).resolve().parent / "models"
-DEFAULT_MODEL = MODELS_DIR / "gemma-4-tiny-python"
-DEFAULT_DRAFT_MODEL = MODELS_DIR / "gemma-4-tiny-python-assistant"
-DEFAULT_PROMPTS_FILE = MODELS_DIR / "prompts.jsonl"  # held-out code, for benchmarks
-
-
-def load(path_or_repo: Optional[str] = None, draft_model: Optional[str] = None, lazy: bool = False):
-    """Load a target and its drafter: (model, tokenizer, draft_model or None).
-
-    Without `path_or_repo`, the default pair that ships with the package (a tiny Gemma 4
-    Python-code model and its MTP drafter). Without `draft_model`, a converted pair
-    directory (one with a `drafter/` folder) brings its own drafter; any other target
-    loads alone. `lazy` leaves the target's weights unread until first used (or split).
-    """
-    if path_or_repo is None:
-        path_or_repo = DEFAULT_MODEL
-        draft_model = DEFAULT_DRAFT_MODEL if draft_model is None else draft_model
-    path = resolve_path(str(path_or_repo))
-    target, tokenizer = load_target(path, lazy=lazy)
-    if draft_model is None and (path / PAIR_DRAFTER_DIR / "config.json").is_file():
-        draft_model = path / PAIR_DRAFTER_DIR
-    drafter = None
-    if draft_model is not None:
-        drafter = load_drafter(draft_model)
-        check_pair(target, drafter)
-    return target, tokenizer, drafter
-
-
 def make_prompt_cache(model, num_draft_tokens: int = 16) -> List:
     """A cache to carry across calls (chat turns); rolls back up to `num_draft_tokens`."""
-    return _as_target(model).make_cache(num_draft_tokens)
-
-
-def _as_target(model) -> Target:
-    return model if isinstance(model, Target) else Target(model)
+    return as_target(model).make_cache(num_draft_tokens)
 
 
 def chat_prompt(tokenizer, text: str, system: Optional[str] = None) -> Union[str, List[int]]:
@@ -159,11 +65,13 @@ def encode_prompt(tokenizer: TokenizerWrapper, prompt: Union[str, List[int], mx.
     return prompt
 
 
-def _draft_length(target: Target, draft_model, num_draft_tokens: Optional[int]) -> int:
+def draft_length(model, draft_model, num_draft_tokens: Optional[int]) -> int:
+    """The draft length k of every round: `num_draft_tokens`, else the drafter's default;
+    0 without a drafter."""
     if draft_model is None:
         return 0
     if isinstance(draft_model, Drafter):  # test doubles only need a `draft` method
-        check_pair(target, draft_model)
+        check_pair(as_target(model), draft_model)
     k = draft_model.default_num_draft_tokens if num_draft_tokens is None else num_draft_tokens
     if k < 1:
         raise ValueError(f"num_draft_tokens must be at least 1, got {k}")
@@ -211,16 +119,17 @@ def stream_generate(
     the target alone); without it this is plain target decoding through the same loop.
     `prompt_cache` (from `make_prompt_cache`) keeps K/V across calls: pass only the new
     tokens then (if a call stops before its first token, the cache may hold part of its
-    prompt: make a new one). Sampling options are mlx-lm's (`temp=0` is greedy); speculative sampling
-    keeps the target's distribution exactly. `draft_mode` is "sampled" (drafts drawn from
-    the drafter's distribution) or "greedy" (its argmax). `seed` makes a run reproducible.
+    prompt: make a new one). Sampling options are mlx-lm's (`temp=0` is greedy);
+    speculative sampling keeps the target's distribution exactly. `draft_mode` is
+    "sampled" (drafts drawn from the drafter's distribution) or "greedy" (its argmax).
+    `seed` makes a run reproducible.
     """
-    target = _as_target(model)
+    target = as_target(model)
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     if max_tokens <= 0:
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-    k = _draft_length(target, draft_model, num_draft_tokens)
+    k = draft_length(target, draft_model, num_draft_tokens)
     sampling = Sampling(temp, top_p, top_k, min_p, min_tokens_to_keep, sampler,
                         list(logits_processors or []), draft_mode)
     prompt = encode_prompt(tokenizer, prompt)
@@ -229,20 +138,12 @@ def stream_generate(
     cache = prompt_cache if prompt_cache is not None else target.make_cache(k)
     _check_rollback_room(cache, k)
     start_offset = cache[0].offset if cache else 0
-
-    stats = SpeculativeStats(
-        num_draft_tokens=k,
-        accepted_by_position=[0] * k,
-        drafted_by_position=[0] * k,
-        prompt_tokens=prompt.size,
-        rounds_log=[] if record_rounds else None,
-    )
+    stats = SpeculativeStats.empty(k, prompt.size, record_rounds)
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
     eos = set(tokenizer.eos_token_ids)
     rounds = generate_rounds(prompt, target, cache, sampling, draft_model, k, prefill_step_size)
-    tic = time.perf_counter()
-    n = 0
+    tic, n = time.perf_counter(), 0
     try:
         for round_ in rounds:
             if n == 0:
@@ -257,27 +158,19 @@ def stream_generate(
                     detokenizer.add_token(token)
                 if finish:
                     detokenizer.finalize()
-                    stats.generation_tokens = n
-                    stats.generation_tps = n / (time.perf_counter() - tic)
-                    stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+                    stats.finish(n, time.perf_counter() - tic, mx.get_peak_memory() / 1e9)
                 yield GenerationResponse(
-                    text=detokenizer.last_segment,
-                    token=token,
-                    logprob=logprob,
-                    from_draft=i < round_.accepted,
-                    prompt_tokens=prompt.size,
-                    prompt_tps=stats.prompt_tps,
-                    generation_tokens=n,
-                    generation_tps=n / (time.perf_counter() - tic),
-                    peak_memory=mx.get_peak_memory() / 1e9,
-                    finish_reason=finish,
-                    stats=stats if finish else None,
+                    detokenizer.last_segment, token, logprob, from_draft=i < round_.accepted,
+                    prompt_tokens=prompt.size, prompt_tps=stats.prompt_tps, generation_tokens=n,
+                    generation_tps=n / (time.perf_counter() - tic), peak_memory=mx.get_peak_memory() / 1e9,
+                    finish_reason=finish, stats=stats if finish else None,
                 )
                 if finish:
                     return
     finally:
         rounds.close()
-        # Keep K/V for every token handed out except the newest, as mlx-lm does.
+        # The one rollback when generation stops (the rounds only drop rejected drafts):
+        # keep K/V for every token handed out except the newest, as mlx-lm does.
         rollback_cache(cache, start_offset + prompt.size + max(n - 1, 0))
 
 

@@ -6,7 +6,8 @@ detokenising and streaming overlap with the device's work.
 """
 
 from dataclasses import dataclass
-from typing import Generator, List
+from functools import partial
+from typing import Generator, List, Tuple
 
 import mlx.core as mx
 
@@ -30,6 +31,40 @@ class Round:
     emitted: List[int]  # accepted drafts + one target token
     logprobs: List[float]  # each emitted token's log-probability under the target
     from_prefill: bool = False  # the first token, chosen from the prompt's last logits
+
+
+@dataclass
+class RoundInput:
+    """Where a round starts: the newest token, which the cache does not hold yet."""
+
+    token: mx.array  # [1]
+    hidden: mx.array  # [1, 1, hidden]: the target's final-norm state that chose `token`
+    position: int  # position of `token`
+    history: mx.array  # every token before `token` (kept current only for logits processors)
+
+
+@dataclass
+class PendingRound:
+    """A round queued on the device; nothing in it has been waited on yet."""
+
+    position: int  # position of the round's input token
+    drafts: mx.array  # [k]
+    accepted: mx.array  # []: leading drafts the target kept
+    choices: mx.array  # [k + 1]: the target's token after each input; index `accepted` is emitted
+    hiddens: mx.array  # [1, k + 1, hidden]: the target's final-norm state at each input
+    draft_logprobs: mx.array  # [k]: each draft's log-probability under the target
+    choice_logprobs: mx.array  # [k + 1]: each choice's
+
+    def arrays(self) -> Tuple[mx.array, ...]:
+        return (self.drafts, self.accepted, self.choices, self.hiddens, self.draft_logprobs, self.choice_logprobs)
+
+    def result(self) -> Round:
+        """Wait for the device (the round's one synchronisation) and read what it kept."""
+        n = self.accepted.item()
+        drafted = self.drafts.tolist()
+        emitted = drafted[:n] + [self.choices.tolist()[n]]
+        logprobs = self.draft_logprobs.tolist()[:n] + [self.choice_logprobs.tolist()[n]]
+        return Round(self.position, drafted, n, emitted, logprobs)
 
 
 def prefill(target: Target, prompt: mx.array, cache: List, step_size: int = 512):
@@ -56,81 +91,94 @@ def generate_rounds(
     """Yield rounds until the caller stops. The first round carries only the token chosen
     from the prompt's last logits.
 
-    The cache is left holding exactly the verified positions before the newest token of
-    the last round that was handed out.
+    After each round the cache holds every verified position before the round's newest
+    token. When the caller stops, the round still in flight is finished, and the cache
+    holds its positions too: the caller rolls it back to what it kept (`rollback_cache`).
     """
-    k = num_draft_tokens if drafter is not None else 0
-    sampled_drafts = sampling.exact_distribution and sampling.draft_mode == "sampled"
-    position = (cache[0].offset if cache else 0) + prompt.size
-    # Everything the model computes runs on one stream: in a tensor-parallel run, two
-    # streams could reach their all-reduces in different orders on different ranks.
-    with mx.stream(GENERATION_STREAM):
-        logits, hidden = prefill(target, prompt, cache, prefill_step_size)
-        logprobs = sampling.process(prompt[:-1], prompt[-1:], logits)
-        token = sampling.sample(logprobs)  # [1]
-    history = prompt  # every token before `token`
-
-    def draft_sampler(history):
-        """Draw drafts from the drafter's processed distribution, with their histories."""
-        seen = [history]
-
-        def sample(input_token, logits):
-            logq = sampling.process(mx.concatenate(seen), input_token, logits)
-            seen.append(input_token)
-            return sampling.sample(logq), logq
-
-        return sample
-
-    def schedule(token, hidden, position, history):
-        with mx.stream(GENERATION_STREAM):
-            return build_round(token, hidden, position, history)
-
-    def build_round(token, hidden, position, history):
-        drafts, draft_logprobs = mx.array([], dtype=mx.uint32), None
-        if k:
-            sample = draft_sampler(history) if sampled_drafts else None
-            drafts, draft_logprobs = drafter.draft(
-                target.embed, token, hidden, position, target.drafter_kv(cache), k, sample
-            )
-        inputs = mx.concatenate([token, drafts.astype(token.dtype)])
-        logits, hiddens = target(inputs[None], cache)
-        logprobs = sampling.process(history, inputs, logits[0])
-        accepted, choices = sampling.accept(drafts, draft_logprobs, logprobs)
-        draft_lp = mx.take_along_axis(logprobs[:k], drafts[:, None].astype(mx.int32), axis=-1)
-        choice_lp = mx.take_along_axis(logprobs, choices[:, None], axis=-1)
-        pending = (drafts, accepted, choices, hiddens, draft_lp, choice_lp)
-        mx.async_eval(pending)
-        return pending
-
-    first_logprob = mx.take_along_axis(logprobs, token[:, None], axis=-1)
-    pending = schedule(token, hidden, position, history)
+    k = num_draft_tokens if drafter is not None else 0  # the draft length of every round
+    start, first_logprob = first_token(target, prompt, cache, sampling, prefill_step_size)
+    pending = queue_round(target, drafter, cache, sampling, start, k)
     try:
-        yield Round(position - 1, [], 0, token.tolist(), first_logprob.reshape(-1).tolist(), True)
+        yield Round(start.position - 1, [], 0, start.token.tolist(), first_logprob.tolist(), from_prefill=True)
         while True:
-            drafts, accepted, choices, hiddens, draft_lp, choice_lp = pending
-            pending = None
+            current, pending = pending, None
             if not k:
                 # Plain decoding keeps every round's one token, so the next round does not
                 # depend on this one's outcome: queue it before waiting (as mlx-lm does),
                 # and the device never idles while the host builds a graph.
-                if sampling.logits_processors:
-                    history = mx.concatenate([history, token])
-                token = choices
-                pending = schedule(token, hiddens, position + 1, history)
-            n = accepted.item()  # the round's one wait; the rest is already computed
-            drafted = drafts.tolist()
-            emitted = drafted[:n] + [choices.tolist()[n]]
-            logprobs = draft_lp.reshape(-1).tolist()[:n] + [choice_lp.reshape(-1).tolist()[n]]
-            round_ = Round(position, drafted, n, emitted, logprobs)
+                start = next_input(sampling, start, current, 0)
+                pending = queue_round(target, drafter, cache, sampling, start, k)
+            round_ = current.result()
             if k:
-                rollback_cache(cache, position + n + 1)
-                if sampling.logits_processors:  # only they read the history
-                    history = mx.concatenate([history, token, drafts[:n].astype(token.dtype)])
-                token, hidden = choices[n : n + 1], hiddens[:, n : n + 1]
-                pending = schedule(token, hidden, position + n + 1, history)
-            position += n + 1
+                rollback_cache(cache, round_.position + round_.accepted + 1)  # drop the rejected drafts
+                start = next_input(sampling, start, current, round_.accepted)
+                pending = queue_round(target, drafter, cache, sampling, start, k)
             yield round_
     finally:
-        if pending is not None:  # the caller stopped: drop the round still in flight
-            mx.eval(pending)
-            rollback_cache(cache, position)
+        if pending is not None:  # the caller stopped: let the round in flight finish
+            mx.eval(pending.arrays())
+
+
+def first_token(target: Target, prompt: mx.array, cache: List, sampling: Sampling, step_size: int):
+    """Prefill the prompt and choose the token after it: (the first round's input, that
+    token's log-probability [1])."""
+    position = (cache[0].offset if cache else 0) + prompt.size
+    # All model work runs on the one generation stream: in a tensor-parallel run, work on
+    # two streams could reach its all-reduces in different orders on different ranks.
+    with mx.stream(GENERATION_STREAM):
+        logits, hidden = prefill(target, prompt, cache, step_size)
+        logprobs = sampling.process(prompt[:-1], prompt[-1:], logits)  # [1, vocab]
+        token = sampling.sample(logprobs)  # [1]
+    return RoundInput(token, hidden, position, prompt), token_logprobs(logprobs, token)
+
+
+def queue_round(target: Target, drafter, cache: List, sampling: Sampling, start: RoundInput, k: int) -> PendingRound:
+    """Draft k tokens after `start.token`, verify all k + 1 in one target forward, judge
+    the drafts: a lazy graph, queued on the device."""
+    with mx.stream(GENERATION_STREAM):
+        drafts, draft_logq = draft(target, drafter, cache, sampling, start, k)
+        inputs = mx.concatenate([start.token, drafts.astype(start.token.dtype)])  # [k + 1]
+        logits, hiddens = target(inputs[None], cache)
+        logprobs = sampling.process(start.history, inputs, logits[0])  # [k + 1, vocab]
+        accepted, choices = sampling.accept(drafts, draft_logq, logprobs)
+        pending = PendingRound(start.position, drafts, accepted, choices, hiddens,
+                               token_logprobs(logprobs[:k], drafts), token_logprobs(logprobs, choices))
+        mx.async_eval(pending.arrays())
+    return pending
+
+
+def draft(target: Target, drafter, cache: List, sampling: Sampling, start: RoundInput, k: int):
+    """(drafts [k], the drafter's processed log q [k, vocab], or None when the drafts are
+    its argmax)."""
+    if not k:
+        return mx.array([], dtype=mx.uint32), None
+    sample = None
+    if sampling.exact_distribution and sampling.draft_mode == "sampled":
+        sample = partial(sample_draft, sampling, start.history)
+    shared_kv = target.drafter_kv(cache)
+    return drafter.draft(target.embed, start.token, start.hidden, start.position, shared_kv, k, sample)
+
+
+def sample_draft(sampling: Sampling, history: mx.array, tokens: mx.array, logits: mx.array):
+    """One draft from the drafter's processed distribution: (token [1], log q [1, vocab]).
+
+    history: the tokens before the round; tokens [j + 1]: the round's input token and its
+    j drafts so far; logits [1, vocab]: the drafter's after the last of them.
+    """
+    logq = sampling.process(mx.concatenate([history, tokens[:-1]]), tokens[-1:], logits)
+    return sampling.sample(logq), logq
+
+
+def next_input(sampling: Sampling, start: RoundInput, pending: PendingRound, accepted: int) -> RoundInput:
+    """The input of the round after `pending`, which kept `accepted` drafts."""
+    history = start.history
+    if sampling.logits_processors:  # only they read the history
+        kept = pending.drafts[:accepted].astype(start.token.dtype)
+        history = mx.concatenate([history, start.token, kept])
+    n = accepted
+    return RoundInput(pending.choices[n : n + 1], pending.hiddens[:, n : n + 1], start.position + n + 1, history)
+
+
+def token_logprobs(logprobs: mx.array, tokens: mx.array) -> mx.array:
+    """logprobs [N, vocab], tokens [N] -> each token's log-probability [N]."""
+    return mx.take_along_axis(logprobs, tokens[:, None].astype(mx.int32), axis=-1)[:, 0]

@@ -1,13 +1,14 @@
 """The target: mlx-lm's Gemma 4 model, seen the way speculation needs it.
 
-mlx-lm's `gemma4_text` (or multimodal `gemma4`) model does the work. This wrapper adds one
-verify forward that returns logits *and* final-norm hidden states for every input
+mlx-lm's `gemma4_text` (or multimodal `gemma4`) model does the work, for every size (the
+12B's `gemma4_unified` / `gemma4_unified_text` configs are mapped onto those). This wrapper
+adds one verify forward that returns logits *and* final-norm hidden states for every input
 position, and zero-copy views of the K/V that the drafter reads: those of the last
 K/V-computing layer of each attention type.
 """
 
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,9 +16,7 @@ from mlx_lm.models.gemma4_text import logit_softcap
 from mlx_lm.utils import load_model, load_tokenizer
 
 from .cache import SlidingKVCache, make_target_cache
-from .checkpoint import CheckpointError, published_text_config, read_config
-
-TARGET_TYPES = ("gemma4_text", "gemma4")
+from .checkpoint import check_model_type, mlx_lm_text_config, read_config
 
 
 class Target:
@@ -75,28 +74,25 @@ class Target:
 def load_target(path: Path, lazy: bool = False):
     """Load a Gemma 4 target and its tokenizer from a local checkpoint directory."""
     config = read_config(path)
-    model_type = config.get("model_type")
-    if model_type not in TARGET_TYPES:
-        hint = (
-            " (that is a drafter: pass it as draft_model / --draft-model)"
-            if model_type == "gemma4_assistant"
-            else ""
-        )
-        raise CheckpointError(
-            f"{path} holds a {model_type!r} model{hint}; the target must be one of {TARGET_TYPES}"
-        )
-    model, config = load_model(path, lazy=lazy, model_config=_mlx_lm_overrides(config))
+    check_model_type(path, config, "target")
+    model, config = load_model(path, lazy=lazy, model_config=mlx_lm_config(config))
     tokenizer = load_tokenizer(path, eos_token_ids=_eos_ids(config))
     return Target(model), tokenizer
 
 
-def _mlx_lm_overrides(config: Dict) -> Optional[Dict]:
-    """Config fixes mlx-lm 0.32 needs: the published text-config form and, for the
-    multimodal layout, the text vocabulary size (mlx-lm reads it from the top level)."""
-    if config["model_type"] == "gemma4_text":
-        return published_text_config(config)
-    text_config = published_text_config(config.get("text_config") or {})
+def mlx_lm_config(config: Dict) -> Dict:
+    """A target config.json as mlx-lm 0.32 reads it (it updates the file's config).
+
+    A text-only target (`gemma4_text`, `gemma4_unified_text`) becomes a `gemma4_text`
+    config in the published form. The multimodal layout (`gemma4`, `gemma4_unified`)
+    becomes `gemma4` with such a text config and the text vocabulary size at the top
+    level, where mlx-lm reads it.
+    """
+    if config["model_type"] in ("gemma4_text", "gemma4_unified_text"):
+        return mlx_lm_text_config(config)
+    text_config = mlx_lm_text_config(config.get("text_config") or {})
     return {
+        "model_type": "gemma4",
         "text_config": text_config,
         "vocab_size": config.get("vocab_size", text_config.get("vocab_size", 262144)),
     }

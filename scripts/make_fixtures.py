@@ -1,10 +1,11 @@
 """Write tiny, deterministic Gemma 4 checkpoints for tests.
 
-Every checkpoint is built with transformers' own Gemma 4 classes, re-initialised
-from a fixed seed so that its logits are peaky (greedy decoding has clear winners),
-saved as float32 safetensors, and its config.json rewritten into the form Google
-publishes (``global_head_dim`` / ``num_global_key_value_heads`` instead of
-transformers' ``per_layer_config``).
+Every checkpoint is built with transformers' own Gemma 4 classes (``Gemma4*`` and, for
+the 12B family, ``Gemma4Unified*``), re-initialised from a fixed seed so that its logits
+are peaky (greedy decoding has clear winners), saved as float32 safetensors, and its
+config.json rewritten into the form Google publishes (``global_head_dim`` /
+``num_global_key_value_heads`` instead of transformers' ``per_layer_config``), except
+the checkpoints in TRANSFORMERS_SAVED, which keep what ``save_pretrained`` wrote.
 
 Usage: ``python scripts/make_fixtures.py OUT_DIR`` or ``build_fixtures(Path(...))``.
 """
@@ -28,6 +29,14 @@ from transformers import (
     Gemma4ForCausalLM,
     Gemma4ForConditionalGeneration,
     Gemma4TextConfig,
+    Gemma4UnifiedAssistantConfig,
+    Gemma4UnifiedAssistantForCausalLM,
+    Gemma4UnifiedAudioConfig,
+    Gemma4UnifiedConfig,
+    Gemma4UnifiedForCausalLM,
+    Gemma4UnifiedForConditionalGeneration,
+    Gemma4UnifiedTextConfig,
+    Gemma4UnifiedVisionConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
@@ -80,6 +89,7 @@ EOS_EMBEDDING_SCALE = 0.25
 FINAL_NORM_SCALE = 25.0
 NORM_WEIGHT_SPREAD = 0.1
 ROUTER_PROJECTION_STD = 1.0
+BIAS_STD = 0.02
 SCALAR_RANGE = (0.5, 1.5)
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
@@ -134,23 +144,29 @@ Temperatures reach 21 degrees, falling to 12 at night. Tomorrow looks warmer.
 def all_shared_kv_sharing_patch() -> Iterator[None]:
     """Let transformers build Gemma 4 assistants, whose layers all reuse the target's K/V.
 
-    transformers 5.23's ``Gemma4TextConfig.kv_sharing_modes`` raises when every layer
-    is KV-shared (no layer of the assistant produces K/V), so
-    ``Gemma4AssistantForCausalLM`` cannot be constructed. While this context is active
-    such configs report "reuse" for every layer; other configs behave as before.
+    transformers 5.23's ``kv_sharing_modes`` (of ``Gemma4TextConfig`` and
+    ``Gemma4UnifiedTextConfig``) raises when every layer is KV-shared (no layer of the
+    assistant produces K/V), so neither assistant class can be constructed. While this
+    context is active such configs report "reuse" for every layer; other configs behave
+    as before.
     """
-    original = Gemma4TextConfig.kv_sharing_modes
+    originals = {cls: cls.kv_sharing_modes for cls in (Gemma4TextConfig, Gemma4UnifiedTextConfig)}
 
-    def kv_sharing_modes(config: Gemma4TextConfig) -> list[str | None]:
-        if config.num_kv_shared_layers == config.num_hidden_layers:
-            return ["reuse"] * config.num_hidden_layers
-        return original.fget(config)
+    def patched(original: property) -> property:
+        def kv_sharing_modes(config) -> list[str | None]:
+            if config.num_kv_shared_layers == config.num_hidden_layers:
+                return ["reuse"] * config.num_hidden_layers
+            return original.fget(config)
 
-    Gemma4TextConfig.kv_sharing_modes = property(kv_sharing_modes)
+        return property(kv_sharing_modes)
+
+    for cls, original in originals.items():
+        cls.kv_sharing_modes = patched(original)
     try:
         yield
     finally:
-        Gemma4TextConfig.kv_sharing_modes = original
+        for cls, original in originals.items():
+            cls.kv_sharing_modes = original
 
 
 # ---------------------------------------------------------------------------
@@ -198,6 +214,28 @@ def multimodal_config() -> Gemma4Config:
     return Gemma4Config(text_config=e2b_text_config().to_dict(), vision_config=None, audio_config=None)
 
 
+ASSISTANT_TEXT_SETTINGS = dict(
+    COMMON_TEXT_SETTINGS,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    layer_types=[SLIDING, SLIDING, SLIDING, FULL],
+    num_kv_shared_layers=4,
+    use_double_wide_mlp=False,
+    final_logit_softcapping=None,
+)
+
+
+def assistant_text_config(**attention_settings) -> Gemma4TextConfig:
+    return Gemma4TextConfig(
+        **ASSISTANT_TEXT_SETTINGS,
+        **attention_settings,
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=0,
+        enable_moe_block=False,
+    )
+
+
 def assistant_config(centroid_head: bool) -> Gemma4AssistantConfig:
     """A 4-layer drafter for a 64-wide target; centroid head for E-like targets, K=V layout otherwise."""
     attention_settings = (
@@ -205,24 +243,67 @@ def assistant_config(centroid_head: bool) -> Gemma4AssistantConfig:
         if centroid_head
         else dict(num_key_value_heads=2, attention_k_eq_v=True, num_global_key_value_heads=1)
     )
-    text_config = Gemma4TextConfig(
-        **COMMON_TEXT_SETTINGS,
-        **attention_settings,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        layer_types=[SLIDING, SLIDING, SLIDING, FULL],
-        num_kv_shared_layers=4,
-        hidden_size_per_layer_input=0,
-        vocab_size_per_layer_input=0,
-        use_double_wide_mlp=False,
-        enable_moe_block=False,
-        final_logit_softcapping=None,
-    )
     return Gemma4AssistantConfig(
-        text_config=text_config,
+        text_config=assistant_text_config(**attention_settings),
         backbone_hidden_size=TARGET_TEXT_SETTINGS["hidden_size"],
         use_ordered_embeddings=centroid_head,
+        num_centroids=16,
+        centroid_intermediate_top_k=4,
+    )
+
+
+def saved_assistant_config() -> Gemma4AssistantConfig:
+    """A drafter for the K=V dense target whose config names no global K/V head count.
+
+    Saved as transformers saves it: its full layer's `per_layer_config` carries only the
+    head dim, so its own config says 2 K/V heads there while the target's full layers
+    have 1. The drafter computes no K/V, so the target's count is the one that counts.
+    """
+    return Gemma4AssistantConfig(
+        text_config=assistant_text_config(num_key_value_heads=2, attention_k_eq_v=True),
+        backbone_hidden_size=TARGET_TEXT_SETTINGS["hidden_size"],
+    )
+
+
+def unified_text_config() -> Gemma4UnifiedTextConfig:
+    """12B-like (`gemma4_unified_text`): K=V full layers, no per-layer inputs, no MoE, no KV
+    sharing, the 12B's 5:1 sliding/full pattern."""
+    return Gemma4UnifiedTextConfig(
+        **TARGET_TEXT_SETTINGS,
+        num_hidden_layers=8,
+        layer_types=[SLIDING] * 5 + [FULL, SLIDING, FULL],
+        num_kv_shared_layers=0,
+        attention_k_eq_v=True,
+        num_key_value_heads=2,
+        num_global_key_value_heads=1,
+    )
+
+
+def unified_config() -> Gemma4UnifiedConfig:
+    """The 12B's multimodal layout (`gemma4_unified`): text weights under
+    ``model.language_model.*`` beside tiny encoder-free vision and audio embedders."""
+    vision = Gemma4UnifiedVisionConfig(
+        patch_size=2, pooling_kernel_size=1, mm_embed_dim=16, mm_posemb_size=8, output_proj_dims=16
+    )
+    return Gemma4UnifiedConfig(
+        text_config=unified_text_config().to_dict(),
+        vision_config=vision.to_dict(),
+        audio_config=Gemma4UnifiedAudioConfig(audio_embed_dim=8).to_dict(),
+    )
+
+
+def unified_assistant_config() -> Gemma4UnifiedAssistantConfig:
+    """A `gemma4_unified_assistant` drafter with a centroid head for the 12B-like targets."""
+    text_config = Gemma4UnifiedTextConfig(
+        **ASSISTANT_TEXT_SETTINGS,
+        attention_k_eq_v=True,
+        num_key_value_heads=2,
+        num_global_key_value_heads=1,
+    )
+    return Gemma4UnifiedAssistantConfig(
+        text_config=text_config,
+        backbone_hidden_size=TARGET_TEXT_SETTINGS["hidden_size"],
+        use_ordered_embeddings=True,
         num_centroids=16,
         centroid_intermediate_top_k=4,
     )
@@ -234,11 +315,17 @@ TARGETS: dict[str, tuple[int, Callable[[], PreTrainedModel]]] = {
     "dense_target": (2, lambda: Gemma4ForCausalLM(dense_text_config())),
     "moe_target": (3, lambda: Gemma4ForCausalLM(moe_text_config())),
     "multimodal_target": (4, lambda: Gemma4ForConditionalGeneration(multimodal_config())),
+    "unified_target": (7, lambda: Gemma4UnifiedForConditionalGeneration(unified_config())),
+    "unified_text_target": (8, lambda: Gemma4UnifiedForCausalLM(unified_text_config())),
 }
 ASSISTANTS: dict[str, tuple[int, Callable[[], PreTrainedModel]]] = {
     "assistant_centroid": (5, lambda: Gemma4AssistantForCausalLM(assistant_config(centroid_head=True))),
     "assistant_dense": (6, lambda: Gemma4AssistantForCausalLM(assistant_config(centroid_head=False))),
+    "unified_assistant": (9, lambda: Gemma4UnifiedAssistantForCausalLM(unified_assistant_config())),
+    "assistant_saved": (10, lambda: Gemma4AssistantForCausalLM(saved_assistant_config())),
 }
+# Checkpoints whose config.json stays as transformers' save_pretrained wrote it.
+TRANSFORMERS_SAVED = {"unified_text_target", "assistant_saved"}
 
 
 # ---------------------------------------------------------------------------
@@ -266,7 +353,7 @@ def initial_value(name: str, tensor: torch.Tensor, generator: torch.Generator) -
         return low + (high - low) * torch.rand(shape, generator=generator)
     if name.endswith("model.norm.weight"):
         return normal(FINAL_NORM_SCALE, FINAL_NORM_SCALE * NORM_WEIGHT_SPREAD)
-    if "norm" in name or name.endswith("router.scale"):
+    if "norm" in name or "_ln" in name or name.endswith("router.scale"):
         return normal(1.0, NORM_WEIGHT_SPREAD)
     if name.endswith("embed_tokens_per_layer.weight"):
         return normal(0.0, PER_LAYER_EMBEDDING_STD)
@@ -276,6 +363,8 @@ def initial_value(name: str, tensor: torch.Tensor, generator: torch.Generator) -
         return embedding
     if name.endswith("router.proj.weight"):
         return normal(0.0, ROUTER_PROJECTION_STD)
+    if name.endswith("bias"):
+        return normal(0.0, BIAS_STD)
     if tensor.dim() >= 2:
         return normal(0.0, shape[-1] ** -0.5)
     raise ValueError(f"no initialisation rule for {name} {tuple(shape)}")
@@ -358,7 +447,7 @@ def published_text_config(text_config: dict) -> dict:
 
 def rewrite_config_as_published(config_path: Path) -> None:
     config = json.loads(config_path.read_text())
-    if config["model_type"] == "gemma4_text":
+    if "text_config" not in config:
         config = published_text_config(config)
     else:
         config["text_config"] = published_text_config(config["text_config"])
@@ -367,9 +456,13 @@ def rewrite_config_as_published(config_path: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def save_model(model: PreTrainedModel, out_dir: Path, generation_config: GenerationConfig) -> None:
+def save_model(
+    model: PreTrainedModel, out_dir: Path, generation_config: GenerationConfig, published: bool = True
+) -> None:
+    """save_pretrained, then (if `published`) config.json in Google's published form."""
     model.save_pretrained(out_dir)
-    rewrite_config_as_published(out_dir / "config.json")
+    if published:
+        rewrite_config_as_published(out_dir / "config.json")
     generation_config.save_pretrained(out_dir)
 
 
@@ -381,10 +474,10 @@ def build_fixtures(out_dir: Path) -> None:
     target_generation = GenerationConfig(**special_ids)
     assistant_generation = GenerationConfig(**special_ids, num_assistant_tokens=NUM_ASSISTANT_TOKENS)
     for name in TARGETS:
-        save_model(build_model(name), out_dir / name, target_generation)
+        save_model(build_model(name), out_dir / name, target_generation, name not in TRANSFORMERS_SAVED)
         tokenizer.save_pretrained(out_dir / name)
     for name in ASSISTANTS:
-        save_model(build_model(name), out_dir / name, assistant_generation)
+        save_model(build_model(name), out_dir / name, assistant_generation, name not in TRANSFORMERS_SAVED)
 
 
 def main() -> None:

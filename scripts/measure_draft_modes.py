@@ -1,6 +1,6 @@
 """Mean accepted length of greedy vs sampled drafting: the default pair, the fixture pairs (README table).
 
-Run: .venv/bin/python scripts/measure_draft_modes.py   (after scripts/test has built the fixtures)
+Run: .venv/bin/python scripts/measure_draft_modes.py   (builds the fixtures if scripts/test has not)
 """
 
 import sys
@@ -11,15 +11,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import test_sampling as harness  # noqa: E402
-from conftest import cached_fixture_dir  # noqa: E402
+import batched_rounds  # noqa: E402
+from hf_reference import cached_fixture_dir  # noqa: E402
 
 from gemma_mtp_mlx import load, stream_generate  # noqa: E402
 from gemma_mtp_mlx.bench import read_prompts  # noqa: E402
-from gemma_mtp_mlx.generate import DEFAULT_PROMPTS_FILE  # noqa: E402
+from gemma_mtp_mlx.loading import DEFAULT_PROMPTS_FILE  # noqa: E402
 from gemma_mtp_mlx.sampling import Sampling  # noqa: E402
 
 MODES = ("greedy", "sampled")
+AGREEING_PROMPT = [2, 40, 41, 42]  # test_sampling.py's prompt
 
 
 def fixture_pairs(fixtures):
@@ -60,17 +61,17 @@ def main():
             print(f"| {name} (k=4) | {temp} | " + " | ".join(f"{x:.3f}" for x in lengths) + " |")
 
     target = load(fixtures / "e2b_target")[0]
-    state = harness.PromptState(target)
+    state = batched_rounds.PromptState(target, AGREEING_PROMPT)
     n = 20_000
     for temp in (0.7, 1.0):
         lengths = []
         for mode in MODES:
             sampling = Sampling(temp=temp, draft_mode=mode)
             mx.random.seed(0)
-            logp = mx.broadcast_to(harness.processed(sampling, state.logits[:, -1]), (n, state.logits.shape[-1]))
+            logp = mx.broadcast_to(batched_rounds.processed(sampling, state.logits[:, -1]), (n, state.logits.shape[-1]))
             first = np.array(sampling.sample(logp)).astype(np.int64)
-            accepted, _, _ = harness.speculative_round(state, harness.target_as_drafter, sampling,
-                                                       np.zeros((n, 0), np.int64), first)
+            accepted, _, _ = batched_rounds.speculative_round(state, batched_rounds.target_as_drafter, sampling,
+                                                              np.zeros((n, 0), np.int64), first, k=2)
             lengths.append(accepted.mean() + 1)
         print(f"| e2b_target + agreeing drafter (k=2) | {temp} | " + " | ".join(f"{x:.3f}" for x in lengths) + " |")
 

@@ -1,31 +1,31 @@
-"""Shared pytest fixtures: the tiny Hugging Face checkpoints, built on demand and cached.
-
-The cache lives in tests/.fixtures/<hash>/, keyed by the content of
-scripts/make_fixtures.py and the transformers version, so editing the script or
-upgrading transformers rebuilds it.
-"""
+"""Shared pytest fixtures and helpers: the tiny Hugging Face checkpoints (built on demand and
+cached by hf_reference.cached_fixture_dir), loaded once per session, and what many tests use."""
 
 from __future__ import annotations
 
-import hashlib
-import shutil
-import tempfile
 from collections import namedtuple
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-import transformers
-from mlx_lm.models.cache import KVCache
 
 from gemma_mtp_mlx import load
 
-from hf_reference import MAKE_FIXTURES_PATH, load_hf_assistant, load_hf_target, load_make_fixtures
+from batched_rounds import full_length_cache
+from hf_reference import cached_fixture_dir, load_hf_assistant, load_hf_target
 
-FIXTURE_CACHE = Path(__file__).resolve().parent / ".fixtures"
+WINDOW = 16  # the fixture targets' sliding window (scripts/make_fixtures.py)
 
-TARGETS = ["e2b_target", "dense_target", "moe_target", "multimodal_target"]
+TARGETS = [
+    "e2b_target",
+    "dense_target",
+    "moe_target",
+    "multimodal_target",
+    "unified_target",  # 12B-like, multimodal layout
+    "unified_text_target",  # 12B-like text model, config as transformers saves it
+]
 
 # pair name -> (target directory, assistant directory), relative to the fixture directory
 PAIRS = {
@@ -33,36 +33,11 @@ PAIRS = {
     "dense": ("dense_target", "assistant_dense"),
     "moe": ("moe_target", "assistant_dense"),
     "multimodal": ("multimodal_target", "assistant_centroid"),
+    "unified": ("unified_target", "unified_assistant"),
+    "unified_text": ("unified_text_target", "unified_assistant"),
+    # an assistant config as transformers saves it (no global K/V head count) beside a K=V target
+    "saved_config": ("dense_target", "assistant_saved"),
 }
-
-
-def fixture_hash() -> str:
-    digest = hashlib.sha256(MAKE_FIXTURES_PATH.read_bytes())
-    digest.update(transformers.__version__.encode())
-    return digest.hexdigest()
-
-
-def cached_fixture_dir() -> Path:
-    """The cached checkpoints, building them first if needed.
-
-    The build goes to a temporary directory that is renamed into place only when
-    complete, so an interrupted build never leaves a half-written cache.
-    """
-    fixture_dir = FIXTURE_CACHE / fixture_hash()
-    if fixture_dir.is_dir():
-        return fixture_dir
-    FIXTURE_CACHE.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="building-", dir=FIXTURE_CACHE))
-    try:
-        load_make_fixtures().build_fixtures(staging)
-        try:
-            staging.rename(fixture_dir)
-        except OSError:
-            if not fixture_dir.is_dir():  # otherwise a concurrent build got there first
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return fixture_dir
 
 
 @pytest.fixture(scope="session")
@@ -101,9 +76,35 @@ def hf_assistants(pairs):
     return {name: load_hf_assistant(assistant) for name, (_, assistant) in pairs.items()}
 
 
-def full_length_cache(target):
-    """Plain mlx-lm caches, one per K/V-computing layer, that keep every position."""
-    return [KVCache() for _ in range(target.args.num_hidden_layers - target.args.num_kv_shared_layers)]
+def prompt_of(length: int, seed: int = 0) -> list[int]:
+    """`length` random token ids in [3, 256), the same for the same `seed`."""
+    return np.random.default_rng(seed).integers(3, 256, size=length).tolist()
+
+
+@contextmanager
+def eos_tokens(tokenizer, ids):
+    """Within the block, `ids` are the tokenizer's EOS tokens (random weights rarely emit
+    the real EOS; an empty set never stops)."""
+    saved = tokenizer.eos_token_ids
+    tokenizer.eos_token_ids = set(ids)
+    try:
+        yield
+    finally:
+        tokenizer.eos_token_ids = saved
+
+
+class OracleDrafter:
+    """Proposes the target's own greedy continuation of `sequence` (prompt + output): every
+    draft is accepted at temp 0."""
+
+    default_num_draft_tokens = 4
+
+    def __init__(self, sequence):
+        self.sequence = sequence
+
+    def draft(self, embed, token, hidden, position, shared_kv, num_tokens, sample=None):
+        assert token.item() == self.sequence[position]
+        return mx.array(self.sequence[position + 1 : position + 1 + num_tokens]), None
 
 
 def full_length_state(target, ids):

@@ -1,17 +1,23 @@
-"""Reference outputs from transformers (PyTorch, float32) for the tiny fixture checkpoints."""
+"""The tiny fixture checkpoints (built by scripts/make_fixtures.py, cached) and reference
+outputs from transformers (PyTorch, float32) for them."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, Gemma4AssistantForCausalLM
+import transformers
+from transformers import AutoModelForCausalLM
 
 MAKE_FIXTURES_PATH = Path(__file__).resolve().parents[1] / "scripts" / "make_fixtures.py"
+FIXTURE_CACHE = Path(__file__).resolve().parent / ".fixtures"
 
 
 def load_make_fixtures() -> ModuleType:
@@ -25,15 +31,50 @@ def load_make_fixtures() -> ModuleType:
     return sys.modules[name]
 
 
+def fixture_hash() -> str:
+    """The checkpoints live in tests/.fixtures/<hash>/, keyed by the content of
+    scripts/make_fixtures.py and the transformers version, so editing the script or
+    upgrading transformers rebuilds them."""
+    digest = hashlib.sha256(MAKE_FIXTURES_PATH.read_bytes())
+    digest.update(transformers.__version__.encode())
+    return digest.hexdigest()
+
+
+def cached_fixture_dir() -> Path:
+    """The cached checkpoints, building them first if needed.
+
+    The build goes to a temporary directory that is renamed into place only when
+    complete, so an interrupted build never leaves a half-written cache.
+    """
+    fixture_dir = FIXTURE_CACHE / fixture_hash()
+    if fixture_dir.is_dir():
+        return fixture_dir
+    FIXTURE_CACHE.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="building-", dir=FIXTURE_CACHE))
+    try:
+        load_make_fixtures().build_fixtures(staging)
+        try:
+            staging.rename(fixture_dir)
+        except OSError:
+            if not fixture_dir.is_dir():  # otherwise a concurrent build got there first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return fixture_dir
+
+
 def load_hf_target(path) -> torch.nn.Module:
-    """A gemma4_text (Gemma4ForCausalLM) or gemma4 (Gemma4ForConditionalGeneration) checkpoint."""
+    """A gemma4_text / gemma4_unified_text (Gemma4ForCausalLM, Gemma4UnifiedForCausalLM) or
+    gemma4 / gemma4_unified (Gemma4ForConditionalGeneration, Gemma4UnifiedForConditionalGeneration)
+    checkpoint."""
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def load_hf_assistant(path) -> torch.nn.Module:
-    """A Gemma4AssistantForCausalLM, built under the patch that lets transformers 5.23 construct it."""
+    """A Gemma4AssistantForCausalLM or Gemma4UnifiedAssistantForCausalLM, built under the
+    patch that lets transformers 5.23 construct it."""
     with load_make_fixtures().all_shared_kv_sharing_patch():
-        model = Gemma4AssistantForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model.eval()
 
 
@@ -93,7 +134,7 @@ def hf_greedy_margin(
 def hf_draft_step(
     assistant, token_embedding, hidden, position: int, shared_kv: dict
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One Gemma4AssistantForCausalLM step at `position`.
+    """One Gemma4AssistantForCausalLM (or Gemma4UnifiedAssistantForCausalLM) step at `position`.
 
     token_embedding: the target's scaled embedding of the newest token, [backbone_hidden].
     hidden: the target's final-norm hidden state that produced it, [backbone_hidden].

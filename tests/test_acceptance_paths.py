@@ -4,23 +4,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import PAIRS
+from conftest import PAIRS, OracleDrafter
 from gemma_mtp_mlx import stream_generate
 
 MAX_TOKENS = 70
-
-
-class OracleDrafter:
-    """Proposes the target's own greedy continuation of `sequence` (prompt + output)."""
-
-    default_num_draft_tokens = 4
-
-    def __init__(self, sequence):
-        self.sequence = sequence
-
-    def draft(self, embed, token, hidden, position, shared_kv, num_tokens, sample=None):
-        assert token.item() == self.sequence[position]
-        return mx.array(self.sequence[position + 1 : position + 1 + num_tokens]), None
 
 
 class RandomDrafter:

@@ -6,29 +6,32 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import WINDOW, OracleDrafter, eos_tokens, prompt_of
 from gemma_mtp_mlx import generate, load, load_drafter, make_prompt_cache, stream_generate
 from gemma_mtp_mlx.checkpoint import CheckpointError
 from gemma_mtp_mlx.drafter import check_pair
 
 
 def test_max_tokens_stops_exactly_and_last_response_carries_stats(mlx_pairs):
+    """Plain, a drafter whose rounds keep one token, and one whose rounds keep k + 1 = 5
+    (so max_tokens 7 and 8 cut a round short)."""
     target, tokenizer, drafter = mlx_pairs["e2b"]
-    for max_tokens in (1, 2, 7):
-        responses = list(stream_generate(target, tokenizer, [5, 6, 7], draft_model=drafter,
-                                         num_draft_tokens=4, max_tokens=max_tokens))
-        assert len(responses) <= max_tokens
-        assert [r.finish_reason for r in responses[:-1]] == [None] * (len(responses) - 1)
-        last = responses[-1]
-        assert last.finish_reason in ("length", "stop")
-        stats = last.stats
-        assert stats.generation_tokens == len(responses)
-        assert stats.drafted_tokens == 4 * stats.rounds
-        if max_tokens > 1:  # the first token comes from the prompt's logits, not a round
-            assert stats.rounds >= 1
-            assert stats.mean_accepted_length == stats.accepted_tokens / stats.rounds + 1
-        assert len(stats.acceptance_by_position) == 4
-        assert stats.generation_tps > 0 and stats.peak_memory_gb > 0
-        assert json.dumps(stats.to_dict())
+    prompt = [5, 6, 7]
+    with eos_tokens(tokenizer, []):
+        plain = [r.token for r in stream_generate(target, tokenizer, prompt, max_tokens=20)]
+        for draft in (None, drafter, OracleDrafter(prompt + plain)):
+            for max_tokens in (1, 2, 7, 8):
+                responses = list(stream_generate(target, tokenizer, prompt, draft_model=draft,
+                                                 num_draft_tokens=4, max_tokens=max_tokens))
+                assert [r.token for r in responses] == plain[:max_tokens]
+                assert [r.finish_reason for r in responses] == [None] * (max_tokens - 1) + ["length"]
+                assert [r.stats for r in responses[:-1]] == [None] * (max_tokens - 1)
+                stats = responses[-1].stats
+                assert stats.generation_tokens == responses[-1].generation_tokens == max_tokens
+                assert len(stats.acceptance_by_position) == (0 if draft is None else 4)
+                if isinstance(draft, OracleDrafter):  # the first token, then rounds of 5 (the last cut)
+                    assert stats.rounds == -(-(max_tokens - 1) // 5)
+                    assert stats.accepted_tokens == stats.drafted_tokens
 
 
 def test_eos_stops_generation_exactly_in_plain_and_speculative_mode(mlx_pairs):
@@ -38,9 +41,7 @@ def test_eos_stops_generation_exactly_in_plain_and_speculative_mode(mlx_pairs):
     stop_at = 30
     eos = plain[stop_at]
     stop_at = plain.index(eos)  # its first occurrence
-    saved = tokenizer.eos_token_ids
-    tokenizer.eos_token_ids = {eos}  # random weights rarely emit the real EOS
-    try:
+    with eos_tokens(tokenizer, [eos]):
         for draft in (None, drafter):
             for k in (1, 3, 8):
                 responses = list(stream_generate(target, tokenizer, prompt, draft_model=draft,
@@ -48,8 +49,6 @@ def test_eos_stops_generation_exactly_in_plain_and_speculative_mode(mlx_pairs):
                 assert [r.token for r in responses] == plain[: stop_at + 1]
                 assert responses[-1].finish_reason == "stop"
                 assert responses[-1].text == ""  # EOS is not detokenized
-    finally:
-        tokenizer.eos_token_ids = saved
 
 
 def test_string_prompt_and_generate_text(mlx_pairs):
@@ -87,13 +86,6 @@ def test_bad_generation_arguments_are_clear_errors(kwargs, message, mlx_pairs):
     args = dict(prompt=[5, 6], draft_model=drafter) | kwargs
     with pytest.raises(ValueError, match=message):
         list(stream_generate(target, tokenizer, **args))
-
-
-def test_mismatched_pair_names_both_values(pairs):
-    e2b_target, _ = pairs["e2b"]
-    _, dense_assistant = pairs["dense"]
-    with pytest.raises(CheckpointError, match="sliding key/value heads 2, the target has 1"):
-        load(e2b_target, draft_model=dense_assistant)
 
 
 def test_wrong_backbone_size_suggests_the_published_pair(pairs):
@@ -142,7 +134,7 @@ def test_truncated_weights_and_wrong_model_type_are_clear_errors(pairs, tmp_path
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
         load_drafter(truncated)
-    with pytest.raises(CheckpointError, match="not a gemma4_assistant drafter"):
+    with pytest.raises(CheckpointError, match="not a Gemma 4 drafter"):
         load_drafter(target_path)
     with pytest.raises(CheckpointError, match="pass it as draft_model"):
         load(assistant_path)
@@ -162,3 +154,22 @@ def test_a_prompt_cache_from_mlx_lm_is_refused(mlx_pairs):
     with pytest.raises(ValueError, match="must come from gemma_mtp_mlx.make_prompt_cache"):
         list(stream_generate(target, tokenizer, [5, 6], draft_model=drafter,
                              prompt_cache=mlx_lm_prompt_cache(target.model)))
+
+
+@pytest.mark.parametrize("name", ["e2b", "dense"])
+def test_prefill_step_size_does_not_change_the_output(name, mlx_pairs):
+    """Chunks of one token, smaller than and straddling the sliding window, and one chunk."""
+    target, tokenizer, drafter = mlx_pairs[name]
+    prompt = prompt_of(3 * WINDOW + 5, seed=4)
+
+    def run(step, draft):
+        out = stream_generate(target, tokenizer, prompt, draft_model=draft, num_draft_tokens=3,
+                              max_tokens=8, prefill_step_size=step)
+        return [(r.token, r.logprob) for r in out]
+
+    for draft in (None, drafter):
+        whole = run(512, draft)
+        for step in (1, 7, WINDOW + 1):
+            chunked = run(step, draft)
+            assert [t for t, _ in chunked] == [t for t, _ in whole], f"prefill_step_size={step}"
+            assert np.allclose([lp for _, lp in chunked], [lp for _, lp in whole], atol=1e-4)

@@ -1,13 +1,14 @@
-"""The sliding-window cache: exact windows under writes and rollbacks, bounded memory."""
+"""The sliding-window cache: exact windows under writes and rollbacks, bounded memory, and
+mlx-lm's save / load of a prompt cache."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
-from gemma_mtp_mlx import stream_generate
+from conftest import WINDOW, prompt_of
+from gemma_mtp_mlx import make_prompt_cache, stream_generate
 from gemma_mtp_mlx.cache import SlidingKVCache
-
-WINDOW = 16
 
 
 def write(cache, start, count):
@@ -52,7 +53,7 @@ def test_sliding_cache_memory_stays_bounded_after_10x_window(mlx_pairs):
     target, tokenizer, drafter = mlx_pairs["e2b"]
     k = 4
     cache = target.make_cache(k)
-    prompt = np.random.default_rng(3).integers(3, 256, size=5 * WINDOW).tolist()
+    prompt = prompt_of(5 * WINDOW, seed=3)
     list(stream_generate(target, tokenizer, prompt, draft_model=drafter, num_draft_tokens=k,
                          max_tokens=5 * WINDOW, prompt_cache=cache))
     sliding = [c for c in cache if isinstance(c, SlidingKVCache)]
@@ -60,4 +61,30 @@ def test_sliding_cache_memory_stays_bounded_after_10x_window(mlx_pairs):
     for c in sliding:
         slots = c.keys.shape[2]
         assert slots <= WINDOW + 1 + 2 * (k + 1) + c.step  # window + draft slack
-        assert c.nbytes == c.keys.nbytes * 2
+
+
+def test_mlx_lm_saves_and_loads_our_prompt_cache(mlx_pairs, tmp_path):
+    """mlx-lm's save_prompt_cache / load_prompt_cache: the loaded cache continues exactly as
+    the original, past the window (a compacted sliding buffer) and when still empty."""
+    target, tokenizer, drafter = mlx_pairs["e2b"]
+    path = str(tmp_path / "cache.safetensors")
+    empty = make_prompt_cache(target, num_draft_tokens=3)
+    save_prompt_cache(path, empty)
+    assert [type(c) for c in load_prompt_cache(path)] == [type(c) for c in empty]
+
+    cache = make_prompt_cache(target, num_draft_tokens=3)
+    first = [r.token for r in stream_generate(target, tokenizer, prompt_of(3 * WINDOW, seed=6), draft_model=drafter,
+                                              num_draft_tokens=3, max_tokens=40, prompt_cache=cache)]
+    save_prompt_cache(path, cache)
+    loaded = load_prompt_cache(path)
+    assert [(type(c), c.offset) for c in loaded] == [(type(c), c.offset) for c in cache]
+    assert any(isinstance(c, SlidingKVCache) and c.start > 0 for c in loaded)
+
+    def go_on(prompt_cache):
+        return [(r.token, r.logprob) for r in stream_generate(target, tokenizer, [first[-1], 7, 8], draft_model=drafter,
+                                                              num_draft_tokens=3, max_tokens=20, temp=1.0, seed=0,
+                                                              prompt_cache=prompt_cache)]
+
+    resumed, original = go_on(loaded), go_on(cache)
+    assert [t for t, _ in resumed] == [t for t, _ in original]
+    np.testing.assert_allclose([lp for _, lp in resumed], [lp for _, lp in original], atol=1e-5)

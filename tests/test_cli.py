@@ -1,5 +1,6 @@
 """The command line: generate (text, json, stdin), chat through a pseudo-terminal, errors."""
 
+import io
 import json
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import pexpect
 import pytest
 
 from gemma_mtp_mlx import stream_generate
+from gemma_mtp_mlx.chat import Conversation
 from gemma_mtp_mlx.generate import chat_prompt
 
 
@@ -128,22 +130,44 @@ def test_chat_second_turn_prefills_only_new_tokens_and_reset_clears(pairs, mlx_p
     child.expect(pexpect.EOF)
 
 
-def test_chat_ctrl_c_stops_the_reply_and_keeps_the_session(pairs):
+def test_chat_ctrl_c_drops_the_line_at_the_prompt_and_stops_a_reply(pairs):
     child = start_chat(pairs, "--max-tokens", 100000, "--max-context", 200000)
+    # At the prompt (">> " is printed once the chat waits for a line): the typed line is
+    # dropped and no reply starts.
+    child.send("a line never sent")
+    child.sendintr()
+    child.expect(">> ")
+    assert "[interrupted]" not in child.before
+    assert "[no reply yet]" in ask(child, "/stats")
+    # During a reply: the reply stops where it is.
     child.sendline("tell me everything")
     child.expect("tell me everything\r\n")  # the terminal's echo
     child.expect(r"\S[\s\S]{40}")  # the reply is streaming
     child.sendintr()
     child.expect(r"\[interrupted\]")
     child.expect(">> ")
-    ask(child, "/help")
-    child.sendline("another question")
-    child.sendintr()
-    child.expect(">> ")
+    assert "/reset" in ask(child, "/help")
     child.sendline("/exit")
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_system_message_reaches_the_prompt(pairs, mlx_pairs):
+    target, tokenizer, drafter = mlx_pairs["e2b"]
+    system = "answer in one line"
+    prompt = chat_prompt(tokenizer, "hello", system)
+    assert len(prompt) > len(chat_prompt(tokenizer, "hello"))  # the template renders it
+    run = cli("generate", *pair_args(pairs), "--prompt", "hello", "--system", system, "--max-tokens", 8,
+              "--output", "json")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["stats"]["prompt_tokens"] == len(prompt)
+    assert result["tokens"] == [r.token for r in stream_generate(target, tokenizer, prompt, draft_model=drafter,
+                                                                  max_tokens=8)]
+    conversation = Conversation(target, tokenizer, drafter, dict(max_tokens=4), system=system)
+    conversation.reply("hello", io.StringIO())
+    assert conversation.stats.prompt_tokens == len(prompt)
 
 
 def test_chat_context_limit_is_a_message_not_a_crash(pairs):

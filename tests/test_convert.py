@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from mlx_lm.utils import load_model
 
+from conftest import WINDOW, prompt_of
 from gemma_mtp_mlx import load, load_drafter, stream_generate
 from gemma_mtp_mlx import convert as convert_module
 from gemma_mtp_mlx.checkpoint import CheckpointError
 from gemma_mtp_mlx.convert import add_arguments, convert_pair, run
 
-WINDOW = 16
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +45,6 @@ def tree_hash(path: Path) -> str:
         digest.update(str(f.relative_to(path)).encode())
         digest.update(f.read_bytes())
     return digest.hexdigest()
-
-
-def prompt_of(length: int, seed: int = 0):
-    return np.random.default_rng(seed).integers(3, 256, size=length).tolist()
 
 
 def target_states(target, ids):
@@ -171,6 +167,7 @@ def test_8bit_drafter_agrees_with_float_drafter_on_top1(pair, converted, mlx_pai
     ("e2b", 4), ("e2b", 8),  # centroid head
     ("dense", 4), ("dense", 8),  # dense head
     ("moe", 4), ("multimodal", 8),  # the other target layouts
+    ("unified", 4), ("unified_text", 4),  # the 12B family: multimodal layout, transformers-saved text
 ])
 def test_quantized_pair_speculative_output_equals_its_plain_output(pair, q_bits, converted):
     out, report = converted(pair, quantize=True, q_bits=q_bits, q_group_size=32)
@@ -192,6 +189,23 @@ def test_quantized_pair_speculative_output_equals_its_plain_output(pair, q_bits,
         speculative = [r.token for r in stream_generate(target, tokenizer, prompt, draft_model=drafter,
                                                         num_draft_tokens=4, max_tokens=40)]
         assert speculative == plain, f"prompt {prompt}"
+
+
+@pytest.mark.parametrize("pair", ["unified", "unified_text"])
+def test_converted_12b_family_target_is_plain_mlx_lm(pair, converted):
+    """The converted config is mlx-lm's own gemma4 / gemma4_text form (no 12B model types,
+    no per-layer inputs spelled out), so mlx-lm alone loads the same model."""
+    out, _ = converted(pair, quantize=True, q_bits=4, q_group_size=32)
+    config = json.loads((out / "config.json").read_text())
+    text_config = config.get("text_config", config)
+    assert config["model_type"] in ("gemma4", "gemma4_text") and text_config["model_type"] == "gemma4_text"
+    assert text_config["hidden_size_per_layer_input"] == 0 and "per_layer_config" not in text_config
+    assert json.loads((out / "drafter" / "config.json").read_text())["model_type"] == "gemma4_unified_assistant"
+    target, _, _ = load(out)
+    model, _ = load_model(out)
+    ids = mx.array([prompt_of(20)])
+    ours, theirs = (np.array(logits.astype(mx.float32)) for logits in (target(ids, target.make_cache(4))[0], model(ids)))
+    assert np.array_equal(ours, theirs)
 
 
 def test_drafter_quantization_can_differ_from_the_target(converted):
@@ -302,7 +316,7 @@ BAD_SOURCES = {
     "missing config.json": (lambda target, assistant: (target / "config.json").unlink(), "no config.json"),
     "unknown model_type": (break_config("model_type", "llama"), "'llama'"),
     "assistant as target": (lambda target, assistant: shutil.copy(assistant / "config.json", target),
-                            "pass it as --draft-model"),
+                            "that is a drafter: pass it as draft_model / --draft-model"),
     "truncated target shard": (truncate("target"), "download"),
     "truncated drafter shard": (truncate("assistant"), "truncated"),
     "quantized source": (break_config("quantization", {"group_size": 64, "bits": 4}), "already quantized"),
@@ -323,9 +337,15 @@ def test_bad_source_is_a_clear_error_leaving_nothing_behind(case, pairs, tmp_pat
     assert list(out.parent.iterdir()) == []
 
 
-def test_drafter_for_another_target_is_refused(pairs, tmp_path):
+def test_drafter_for_another_target_is_refused(pairs, tmp_path, monkeypatch):
+    def drafter_with_other_head_dim(path):  # every fixture drafter fits every fixture target
+        drafter = load_drafter(path)
+        drafter.args.text.head_dim = 8
+        return drafter
+
+    monkeypatch.setattr(convert_module, "load_drafter", drafter_with_other_head_dim)
     before = {p: tree_hash(p) for p in (pairs["e2b"][0], pairs["dense"][1])}
-    with pytest.raises(CheckpointError, match="drafter expects .* the target has"):
+    with pytest.raises(CheckpointError, match="drafter expects sliding head_dim 8, the target has 16"):
         convert_pair(str(pairs["e2b"][0]), str(pairs["dense"][1]), tmp_path / "out")
     assert {p: tree_hash(p) for p in before} == before
     assert list(tmp_path.iterdir()) == []

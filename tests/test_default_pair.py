@@ -12,7 +12,7 @@ import pytest
 from safetensors import safe_open
 
 from gemma_mtp_mlx import bench, load, stream_generate
-from gemma_mtp_mlx.generate import DEFAULT_DRAFT_MODEL, DEFAULT_MODEL, DEFAULT_PROMPTS_FILE, MODELS_DIR
+from gemma_mtp_mlx.loading import DEFAULT_DRAFT_MODEL, DEFAULT_MODEL, DEFAULT_PROMPTS_FILE, MODELS_DIR
 from hf_reference import hf_logits, load_hf_target
 from test_bench import FIELDS
 

@@ -1,21 +1,23 @@
-"""Three consecutive draft steps match Gemma4AssistantForCausalLM fed the same inputs."""
+"""Three consecutive draft steps match Gemma4AssistantForCausalLM (Gemma4UnifiedAssistantForCausalLM
+for the 12B family) fed the same inputs."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import full_length_state
+from conftest import WINDOW, full_length_state, prompt_of
 from hf_reference import hf_draft_step
 
-WINDOW = 16
 
 
-@pytest.mark.parametrize("pair", ["e2b", "dense"])  # centroid head, dense head
+# centroid head, dense head, the 12B family's assistant (centroid head), an assistant whose
+# config gives other K/V head counts than the target's
+@pytest.mark.parametrize("pair", ["e2b", "dense", "unified", "saved_config"])
 @pytest.mark.parametrize("length", [WINDOW // 2, 3 * WINDOW + 3])
 def test_three_draft_steps_match_transformers(pair, length, mlx_pairs, hf_assistants):
     target, _, drafter = mlx_pairs[pair]
     assistant = hf_assistants[pair]
-    ids = np.random.default_rng(length).integers(3, 256, size=length).tolist()
+    ids = prompt_of(length, seed=length)
 
     cache = target.make_cache(4)
     logits, hidden = target(mx.array([ids]), cache)

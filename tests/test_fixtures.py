@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoTokenizer, Gemma4ForCausalLM, Gemma4ForConditionalGeneration
+from transformers import (
+    AutoTokenizer,
+    Gemma4ForCausalLM,
+    Gemma4ForConditionalGeneration,
+    Gemma4UnifiedForCausalLM,
+    Gemma4UnifiedForConditionalGeneration,
+)
 
 from conftest import TARGETS
 from hf_reference import (
@@ -21,7 +27,12 @@ from hf_reference import (
     load_make_fixtures,
 )
 
-ASSISTANTS = ["assistant_centroid", "assistant_dense"]
+ASSISTANTS = ["assistant_centroid", "assistant_dense", "unified_assistant", "assistant_saved"]
+TARGET_CLASSES = {
+    "multimodal_target": Gemma4ForConditionalGeneration,
+    "unified_target": Gemma4UnifiedForConditionalGeneration,
+    "unified_text_target": Gemma4UnifiedForCausalLM,
+}
 VOCAB = 256
 BACKBONE_HIDDEN = 64
 # Loaded tensors sit at other memory alignments than freshly built ones, so float32 kernels
@@ -29,19 +40,29 @@ BACKBONE_HIDDEN = 64
 SAME_MODEL = dict(rtol=1e-5, atol=1e-4)
 PROMPT = [2, 17, 200, 45, 99, 131, 64, 250, 11, 180, 77, 31, 142, 8, 222, 90, 6, 160, 55, 240]
 
-# (global_head_dim, num_global_key_value_heads) each config.json must carry
+# (global_head_dim, num_global_key_value_heads) each published-form config.json must carry
 PUBLISHED_GLOBAL_ATTENTION = {
     "e2b_target": (32, None),
     "dense_target": (32, 1),
     "moe_target": (32, 1),
     "multimodal_target": (32, None),
+    "unified_target": (32, 1),
     "assistant_centroid": (32, None),
     "assistant_dense": (32, 1),
+    "unified_assistant": (32, 1),
+}
+# the per_layer_config of each config.json kept as transformers saves it
+TRANSFORMERS_PER_LAYER_CONFIG = {
+    "unified_text_target": {
+        "5": {"head_dim": 32, "num_key_value_heads": 1},
+        "7": {"head_dim": 32, "num_key_value_heads": 1},
+    },
+    "assistant_saved": {"3": {"head_dim": 32}},
 }
 
 
 def text_config_of(config: dict) -> dict:
-    return config if config["model_type"] == "gemma4_text" else config["text_config"]
+    return config.get("text_config", config)
 
 
 def random_shared_kv(assistant, length: int) -> dict:
@@ -62,14 +83,13 @@ def random_shared_kv(assistant, length: int) -> dict:
 @pytest.mark.parametrize("name", TARGETS)
 def test_target_loads_and_gives_logits(fixture_dir, name):
     model = load_hf_target(fixture_dir / name)
-    expected_class = Gemma4ForConditionalGeneration if name == "multimodal_target" else Gemma4ForCausalLM
-    assert type(model) is expected_class
+    assert type(model) is TARGET_CLASSES.get(name, Gemma4ForCausalLM)
     logits = hf_logits(model, PROMPT)
     assert logits.shape == (len(PROMPT), VOCAB)
     assert logits.dtype == np.float32 and np.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("name", TARGETS + ASSISTANTS)
+@pytest.mark.parametrize("name", sorted(PUBLISHED_GLOBAL_ATTENTION))
 def test_config_has_published_form(fixture_dir, name):
     config = json.loads((fixture_dir / name / "config.json").read_text())
     text_config = text_config_of(config)
@@ -79,6 +99,13 @@ def test_config_has_published_form(fixture_dir, name):
     assert text_config["num_global_key_value_heads"] == num_global_kv_heads
     if config["model_type"] == "gemma4":
         assert config["vocab_size"] == text_config["vocab_size"] == VOCAB
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMERS_PER_LAYER_CONFIG))
+def test_config_has_transformers_saved_form(fixture_dir, name):
+    text_config = text_config_of(json.loads((fixture_dir / name / "config.json").read_text()))
+    assert "global_head_dim" not in text_config and "num_global_key_value_heads" not in text_config
+    assert text_config["per_layer_config"] == TRANSFORMERS_PER_LAYER_CONFIG[name]
 
 
 @pytest.mark.parametrize("name", TARGETS)
@@ -125,8 +152,9 @@ def test_assistant_generation_config(fixture_dir, name):
     assert generation_config["num_assistant_tokens"] == 6
 
 
-def test_token_ordering_is_a_permutation(fixture_dir):
-    path = fixture_dir / "assistant_centroid"
+@pytest.mark.parametrize("name", ["assistant_centroid", "unified_assistant"])
+def test_token_ordering_is_a_permutation(fixture_dir, name):
+    path = fixture_dir / name
     with safe_open(path / "model.safetensors", "pt") as weights:
         token_ordering = weights.get_tensor("masked_embedding.token_ordering")
     assert token_ordering.dtype == torch.int64

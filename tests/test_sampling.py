@@ -3,9 +3,9 @@
 The joint distribution of the first three generated tokens is computed exactly from the
 target (batched forwards over every likely prefix) and compared, by a chi-square test, with
 20,000 speculative samples and 20,000 plain samples. The samples are drawn in a batch: the
-harness below runs the rounds of `speculative.generate_rounds` (prefill token, k drafts,
-verify, accept, and a second round where the first accepted nothing) for 20,000 sequences
-at once with the package's own target, drafter and `Sampling`. A deliberately wrong
+harness in batched_rounds.py runs the rounds of `speculative.generate_rounds` (prefill
+token, k drafts, verify, accept, and a second round where the first accepted nothing) for
+20,000 sequences at once with the package's own target, drafter and `Sampling`. A deliberately wrong
 acceptance rule must fail the same test. A smaller end-to-end run through
 `stream_generate` checks the loop's own wiring.
 """
@@ -15,10 +15,9 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.models.cache import KVCache
 from mlx_lm.sample_utils import make_logits_processors
 
-from conftest import full_length_cache
+from batched_rounds import PromptState, plain_samples, processed, speculative_samples, target_as_drafter
 from gemma_mtp_mlx import stream_generate
 from gemma_mtp_mlx.sampling import Sampling
 
@@ -44,37 +43,6 @@ class AcceptTargetArgmax(Sampling):
         matches = drafts == mx.argmax(logprobs[..., :-1, :], axis=-1)
         accepted = mx.cumprod(matches.astype(mx.int32), axis=-1).sum(-1)
         return accepted, mx.random.categorical(logprobs)
-
-
-class PromptState:
-    """The target run over PROMPT once; caches copied per batch of continuations."""
-
-    def __init__(self, target):
-        self.target = target
-        self.cache = full_length_cache(target)
-        self.logits, self.hidden = target(mx.array([PROMPT]), self.cache)
-
-    def copies(self, n: int):
-        caches = []
-        for c in self.cache:
-            copy = KVCache()
-            keys, values = c.keys_and_values()
-            copy.keys, copy.values = mx.repeat(keys, n, axis=0), mx.repeat(values, n, axis=0)
-            copy.offset = c.offset
-            caches.append(copy)
-        return caches
-
-    def after(self, suffixes: np.ndarray):
-        """Run suffixes [N, S] after PROMPT: (logits [N, S, V], hidden [N, S, H], cache)."""
-        cache = self.copies(len(suffixes))
-        logits, hidden = self.target(mx.array(suffixes), cache)
-        return logits, hidden, cache
-
-
-def processed(sampling, logits: mx.array) -> mx.array:
-    """Processed log-probabilities for logits [..., V] (no logits processors here)."""
-    shape = logits.shape
-    return sampling.process(None, None, logits.reshape(-1, shape[-1])).reshape(shape)
 
 
 def exact_joint(state, sampling, min_prob):
@@ -109,90 +77,6 @@ def chi_square_p_value(samples: np.ndarray, joint: dict) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
-def unique_rows(rows: np.ndarray):
-    """Deterministic work is done once per distinct row: (unique rows [U, C], inverse [N])."""
-    unique, inverse = np.unique(rows, axis=0, return_inverse=True)
-    return unique, inverse.reshape(-1)
-
-
-def drafter_logits(state, drafter, verified, newest, drafts):
-    """The drafter's next-token logits [U, V] after `newest` [U] and `drafts` [U, j], with
-    PROMPT + `verified` [U, m] as the target's verified context."""
-    n = len(newest)
-    if verified.shape[1]:
-        _, hidden, cache = state.after(verified)
-        hidden = hidden[:, -1:]
-    else:
-        cache = state.copies(n)
-        hidden = mx.broadcast_to(state.hidden[:, -1:], (n, 1, state.hidden.shape[-1]))
-    shared_kv = {t: cache[i].keys_and_values() for t, i in state.target.producers.items()}
-    tokens = np.concatenate([newest[:, None], drafts], axis=1)
-    for i in range(tokens.shape[1]):
-        embedding = state.target.embed(mx.array(tokens[:, i]))[:, None]
-        step, hidden = drafter.step(embedding, hidden, cache[0].offset, shared_kv)
-    return drafter.logits(step)[:, 0]
-
-
-def target_as_drafter(state, _, verified, newest, drafts):
-    """A drafter that mostly agrees with the target (its own logits, flattened a little):
-    long accepted runs, so a wrong acceptance rule shows."""
-    logits, _, _ = state.after(np.concatenate([verified, newest[:, None], drafts], axis=1))
-    return 0.8 * logits[:, -1]
-
-
-def speculative_round(state, drafter, sampling, verified: np.ndarray, newest: np.ndarray):
-    """One round for N sequences: PROMPT + verified [N, m] is verified, newest [N] is not.
-    `drafter` is a fixture drafter or `target_as_drafter`.
-
-    Returns (accepted [N], choices [N, K + 1], drafts [N, K])."""
-    draft_logits = target_as_drafter if drafter is target_as_drafter else drafter_logits
-    m, drafts, logqs = verified.shape[1], np.zeros((len(newest), 0), dtype=np.int64), []
-    for _ in range(K):
-        unique, inverse = unique_rows(np.concatenate([verified, newest[:, None], drafts], axis=1))
-        logits = draft_logits(state, drafter, unique[:, :m], unique[:, m], unique[:, m + 1 :])
-        if sampling.draft_mode == "sampled":
-            logq = processed(sampling, logits)[mx.array(inverse)]
-            token = sampling.sample(logq)
-            logqs.append(logq)
-        else:
-            token = mx.argmax(logits, axis=-1)[mx.array(inverse)]
-        drafts = np.concatenate([drafts, np.array(token)[:, None]], axis=1)
-    unique, inverse = unique_rows(np.concatenate([verified, newest[:, None], drafts], axis=1))
-    logits, _, _ = state.after(unique)
-    logp = processed(sampling, logits[:, m:])[mx.array(inverse)]  # [N, K + 1, V]
-    accepted, choices = sampling.accept(mx.array(drafts), mx.stack(logqs, axis=1) if logqs else None, logp)
-    return np.array(accepted), np.array(choices), drafts
-
-
-def speculative_samples(state, drafter, sampling, n) -> np.ndarray:
-    """The first three tokens of n speculative generations: [n, 3]."""
-    logp = mx.broadcast_to(processed(sampling, state.logits[:, -1]), (n, state.logits.shape[-1]))
-    first = np.array(sampling.sample(logp)).astype(np.int64)
-    accepted, choices, drafts = speculative_round(state, drafter, sampling, np.zeros((n, 0), np.int64), first)
-    # Round one emits drafts[:a] then choices[a]; keep the first two.
-    padded = np.pad(drafts, ((0, 0), (0, 1)))
-    emitted = np.where(np.arange(K + 1) < accepted[:, None], padded, choices[np.arange(n), accepted][:, None])
-    out = np.concatenate([first[:, None], emitted[:, :2]], axis=1)
-    redo = np.flatnonzero(accepted == 0)  # round one gave one token: round two gives the third
-    if redo.size:
-        a2, c2, d2 = speculative_round(state, drafter, sampling, out[redo, :1], out[redo, 1])
-        out[redo, 2] = np.where(a2 > 0, d2[:, 0], c2[:, 0])
-    return out
-
-
-def plain_samples(state, sampling, n) -> np.ndarray:
-    out = np.zeros((n, 0), dtype=np.int64)
-    for _ in range(3):
-        if out.shape[1]:
-            unique, inverse = unique_rows(out)
-            logits = state.after(unique)[0][:, -1][mx.array(inverse)]
-        else:
-            logits = mx.broadcast_to(state.logits[:, -1], (n, state.logits.shape[-1]))
-        token = sampling.sample(processed(sampling, logits))
-        out = np.concatenate([out, np.array(token)[:, None]], axis=1)
-    return out
-
-
 CONFIGS = [
     dict(temp=temp, **filters) for temp in (0.7, 1.0) for filters in (dict(), FILTERS)
 ]
@@ -205,7 +89,7 @@ def e2b(mlx_pairs):
 
 @pytest.fixture(scope="module")
 def state(e2b):
-    return PromptState(e2b.target)
+    return PromptState(e2b.target, PROMPT)
 
 
 @pytest.mark.parametrize("options", CONFIGS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
@@ -224,7 +108,7 @@ def test_speculative_sampling_matches_the_exact_distribution(options, draft_mode
     mx.random.seed(2)
     joint = exact_joint(state, sampling, MIN_EXPECTED / SAMPLES)
     drafter = e2b.drafter if drafter == "fixture" else target_as_drafter
-    samples = speculative_samples(state, drafter, sampling, SAMPLES)
+    samples = speculative_samples(state, drafter, sampling, SAMPLES, K)
     assert chi_square_p_value(samples, joint) > 1e-3
 
 
@@ -234,7 +118,7 @@ def test_wrong_acceptance_rule_fails_the_same_test(wrong_rule, draft_mode, state
     sampling = wrong_rule(temp=1.0, draft_mode=draft_mode)
     mx.random.seed(3)
     joint = exact_joint(state, sampling, MIN_EXPECTED / SAMPLES)
-    samples = speculative_samples(state, target_as_drafter, sampling, SAMPLES)
+    samples = speculative_samples(state, target_as_drafter, sampling, SAMPLES, K)
     assert chi_square_p_value(samples, joint) < 1e-6
 
 
@@ -258,14 +142,17 @@ def exact_joint_with_processors(target, sampling, min_prob):
 END_TO_END_SAMPLES = 1200
 
 
-def test_stream_generate_with_repetition_penalty_keeps_the_distribution(e2b):
-    """The loop's own wiring (histories, hidden states, rollback) through the public API."""
+@pytest.mark.parametrize("draft_mode", ["sampled", "greedy"])
+def test_stream_generate_with_repetition_penalty_keeps_the_distribution(draft_mode, e2b):
+    """The loop's own wiring (histories, hidden states, rollback, both draft modes) through
+    the public API."""
     processors = make_logits_processors(repetition_penalty=1.5)
     sampling = Sampling(temp=1.0, logits_processors=processors)
     joint = exact_joint_with_processors(e2b.target, sampling, MIN_EXPECTED / END_TO_END_SAMPLES)
     samples = np.array([
         [r.token for r in stream_generate(e2b.target, e2b.tokenizer, PROMPT, draft_model=e2b.drafter, num_draft_tokens=K,
-                                          max_tokens=3, temp=1.0, logits_processors=processors, seed=i)]
+                                          max_tokens=3, temp=1.0, logits_processors=processors, draft_mode=draft_mode,
+                                          seed=i)]
         for i in range(END_TO_END_SAMPLES)
     ])
     assert chi_square_p_value(samples, joint) > 1e-3
@@ -320,3 +207,72 @@ def test_invalid_sampling_arguments_are_clear_errors(options, message, mlx_pairs
     target, tokenizer, drafter = mlx_pairs["e2b"]
     with pytest.raises(ValueError, match=message):
         list(stream_generate(target, tokenizer, [5, 6], draft_model=drafter, **options))
+
+
+def test_min_p_and_min_tokens_to_keep_shape_the_distribution():
+    """p restricted to the tokens with p >= min_p * max p (at least the `min_tokens_to_keep`
+    most likely), renormalised, then tempered: checked against numpy."""
+    logits = np.array([[2.0, 1.6, 1.0, 0.2, -0.5, -3.0], [0.0, 3.0, 2.9, 1.0, 0.5, 0.4]], dtype=np.float32)
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    for min_p, keep, temp in [(0.3, 1, 1.0), (0.3, 4, 1.0), (0.9, 1, 1.0), (0.9, 3, 0.5), (1.0, 2, 1.0)]:
+        sampling = Sampling(temp=temp, min_p=min_p, min_tokens_to_keep=keep)
+        got = np.exp(np.array(sampling.process(None, None, mx.array(logits))))
+        top = np.argsort(-p, axis=-1)[:, :keep]
+        kept = p >= min_p * p.max(-1, keepdims=True)
+        np.put_along_axis(kept, top, True, axis=-1)
+        expected = np.where(kept, p ** (1 / temp), 0)
+        expected /= expected.sum(-1, keepdims=True)
+        np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=f"min_p={min_p} keep={keep} temp={temp}")
+
+
+def test_min_p_one_samples_the_greedy_path(mlx_pairs):
+    """At min_p = 1 only the most likely token survives: sampling is greedy, end to end."""
+    target, tokenizer, drafter = mlx_pairs["e2b"]
+    prompt = list(range(30, 50))
+    greedy = [r.token for r in stream_generate(target, tokenizer, prompt, max_tokens=30)]
+    for draft in (None, drafter):
+        out = stream_generate(target, tokenizer, prompt, draft_model=draft, max_tokens=30, temp=1.0, min_p=1.0, seed=1)
+        assert [r.token for r in out] == greedy
+
+
+def second_choice(logprobs):
+    """A custom sampler: the second most likely token of each row, [N, V] -> [N]."""
+    return mx.argsort(-logprobs, axis=-1)[:, 1]
+
+
+def test_custom_sampler_drives_plain_and_speculative_decoding(mlx_pairs):
+    target, tokenizer, drafter = mlx_pairs["e2b"]
+    prompt = list(range(30, 50))
+    expected = list(prompt)
+    for _ in range(20):  # the reference: the whole sequence through the target, no cache
+        logits, _ = target(mx.array([expected]), None)
+        expected.append(int(np.argsort(-np.array(logits[0, -1]))[1]))
+    expected = expected[len(prompt):]
+    for draft, k in ((None, None), (drafter, 1), (drafter, 4)):
+        out = stream_generate(target, tokenizer, prompt, draft_model=draft, num_draft_tokens=k, max_tokens=20,
+                              sampler=second_choice)
+        assert [r.token for r in out] == expected, f"k={k}"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(temp=0.7, top_k=20, top_p=0.9, seed=1), dict(temp=1.0, min_p=0.05, seed=2),
+     dict(logits_processors=make_logits_processors(repetition_penalty=1.5))],
+    ids=["greedy", "temp-top_k-top_p", "temp-min_p", "repetition_penalty"],
+)
+def test_each_logprob_is_the_targets_for_that_token(options, e2b):
+    """What plain decoding would report for the same tokens: the processed target
+    log-probability after the same prefix, from one forward over the whole sequence."""
+    target, tokenizer, drafter = e2b
+    prompt = list(range(30, 50))
+    sampling = Sampling(**{name: value for name, value in options.items() if name != "seed"})
+    for draft in (None, drafter):
+        out = list(stream_generate(target, tokenizer, prompt, draft_model=draft, num_draft_tokens=3, max_tokens=30,
+                                   **options))
+        tokens = [r.token for r in out]
+        sequence = prompt + tokens
+        logits, _ = target(mx.array([sequence[:-1]]), None)
+        inputs = mx.array(sequence[len(prompt) - 1 : -1])
+        logprobs = sampling.process(mx.array(prompt[:-1]), inputs, logits[0, len(prompt) - 1 :])
+        expected = np.array(mx.take_along_axis(logprobs, mx.array(tokens)[:, None], axis=-1)[:, 0])
+        np.testing.assert_allclose([r.logprob for r in out], expected, atol=1e-4)

@@ -4,20 +4,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import TARGETS
+from conftest import TARGETS, WINDOW, prompt_of
 from hf_reference import hf_logits
 from gemma_mtp_mlx.speculative import prefill
 
-WINDOW = 16
 
 
 def assert_close_logits(ours: np.ndarray, reference: np.ndarray):
     logit_range = reference.max() - reference.min()
     assert np.abs(ours - reference).max() <= 1e-3 * logit_range
-
-
-def prompt_of(length: int, seed: int = 0):
-    return np.random.default_rng(seed).integers(3, 256, size=length).tolist()
 
 
 @pytest.mark.parametrize("name", TARGETS)

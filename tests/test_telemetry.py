@@ -1,14 +1,13 @@
-"""The per-round log: consistent with the output, and the drafts are transformers' drafts."""
+"""The per-round log: consistent with the output, the per-token flags and merged statistics, and the
+drafts are transformers' drafts."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import PAIRS, full_length_state
+from conftest import PAIRS, WINDOW, OracleDrafter, eos_tokens, full_length_state, prompt_of
 from hf_reference import hf_draft_step
-from gemma_mtp_mlx import stream_generate
-
-WINDOW = 16
+from gemma_mtp_mlx import SpeculativeStats, stream_generate
 
 
 def run(pair, prompt, k, max_tokens=60, **kwargs):
@@ -21,7 +20,7 @@ def run(pair, prompt, k, max_tokens=60, **kwargs):
 @pytest.mark.parametrize("name", list(PAIRS))
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_round_log_is_consistent_with_output_and_rates(name, k, mlx_pairs):
-    prompt = np.random.default_rng(k).integers(3, 256, size=12).tolist()
+    prompt = prompt_of(12, seed=k)
     for sampling in (dict(), dict(temp=1.0, seed=k)):
         tokens, stats = run(mlx_pairs[name], prompt, k, record_rounds=True, **sampling)
         log = stats.rounds_log
@@ -60,7 +59,7 @@ def transformers_drafts(target, assistant, sequence, position, k):
 def test_logged_drafts_equal_transformers_assistant_drafts(name, mlx_pairs, hf_assistants):
     """Rounds below and past the sliding window, for both drafter heads."""
     target = mlx_pairs[name].target
-    prompt = np.random.default_rng(11).integers(3, 256, size=WINDOW // 2).tolist()
+    prompt = prompt_of(WINDOW // 2, seed=11)
     tokens, stats = run(mlx_pairs[name], prompt, 3, max_tokens=4 * WINDOW, record_rounds=True)
     sequence = prompt + tokens
     rounds = [r for r in stats.rounds_log if not r["prefill"]]
@@ -68,3 +67,40 @@ def test_logged_drafts_equal_transformers_assistant_drafts(name, mlx_pairs, hf_a
     assert any(r["position"] < WINDOW for r in checked) and any(r["position"] > 3 * WINDOW for r in checked)
     for r in checked:
         assert r["drafted"] == transformers_drafts(target, hf_assistants[name], sequence, r["position"], 3)
+
+
+@pytest.mark.parametrize("drafter, options", [("fixture", dict()), ("fixture", dict(temp=1.0, seed=3)), ("oracle", dict())],
+                         ids=["fixture-greedy", "fixture-sampled", "oracle-greedy"])
+def test_from_draft_flags_match_the_round_log(drafter, options, mlx_pairs):
+    """The oracle's rounds keep all k drafts, and max_tokens cuts the last one inside them."""
+    target, tokenizer, fixture_drafter = mlx_pairs["e2b"]
+    prompt = prompt_of(12, seed=5)
+    with eos_tokens(tokenizer, []):
+        plain = [r.token for r in stream_generate(target, tokenizer, prompt, max_tokens=50)]  # past the last draft
+        draft = fixture_drafter if drafter == "fixture" else OracleDrafter(prompt + plain)
+        responses = list(stream_generate(target, tokenizer, prompt, draft_model=draft, num_draft_tokens=3,
+                                         max_tokens=39, record_rounds=True, **options))
+    log = responses[-1].stats.rounds_log
+    assert [r.from_draft for r in responses] == [i < r["accepted"] for r in log for i in range(len(r["emitted"]))]
+    if drafter == "oracle":
+        assert sum(r.from_draft for r in responses) == 38 - 38 // 4  # 1 + 9 rounds of 4 + a cut round of 2
+
+
+def test_merged_stats_count_every_round_of_both_runs(mlx_pairs):
+    target, tokenizer, drafter = mlx_pairs["dense"]
+    runs = [list(stream_generate(target, tokenizer, prompt_of(10, seed=s), draft_model=drafter, num_draft_tokens=3,
+                                 max_tokens=30, temp=1.0, seed=s, record_rounds=True))[-1].stats for s in (1, 2)]
+    merged = runs[0].merge(runs[1])
+    log = runs[0].rounds_log + runs[1].rounds_log
+    assert merged.rounds_log == log
+    rounds = [r for r in log if not r["prefill"]]
+    assert merged.rounds == len(rounds) and merged.generation_tokens == 60
+    assert merged.mean_accepted_length == pytest.approx(sum(r["accepted"] for r in rounds) / len(rounds) + 1)
+    assert merged.fallback_rate == pytest.approx(sum(r["accepted"] == 0 for r in rounds) / len(rounds))
+    assert merged.acceptance_by_position == pytest.approx(
+        [sum(r["accepted"] > i for r in rounds) / sum(len(r["drafted"]) > i for r in rounds) for i in range(3)])
+    seconds = sum(s.generation_tokens / s.generation_tps for s in runs)
+    assert merged.generation_tps == pytest.approx(60 / seconds)
+    assert merged.peak_memory == max(s.peak_memory for s in runs)
+    with pytest.raises(ValueError, match="one draft length"):
+        runs[0].merge(SpeculativeStats.empty(4))

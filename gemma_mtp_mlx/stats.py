@@ -1,0 +1,136 @@
+"""What a generation reports about itself: `SpeculativeStats`, counted over the rounds
+whose tokens were handed out."""
+
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
+
+from .speculative import Round
+
+
+@dataclass
+class SpeculativeStats:
+    """Counts over the rounds whose tokens were handed out, and the run's speeds.
+
+    Rates are derived from the counts (`mean_accepted_length`, `acceptance_by_position`,
+    `rejection_rate`, `fallback_rate`), so statistics of several runs `merge` exactly.
+    """
+
+    num_draft_tokens: int = 0
+    rounds: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    fallback_rounds: int = 0  # rounds where no draft was accepted
+    accepted_by_position: List[int] = field(default_factory=list)
+    drafted_by_position: List[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    peak_memory: float = 0.0  # GB, as in mlx-lm's GenerationResponse
+    rounds_log: Optional[List[dict]] = None
+
+    @classmethod
+    def empty(cls, num_draft_tokens: int, prompt_tokens: int = 0, record_rounds: bool = False):
+        """Statistics of a run that has not produced a round yet."""
+        k = num_draft_tokens
+        return cls(num_draft_tokens=k, accepted_by_position=[0] * k, drafted_by_position=[0] * k,
+                   prompt_tokens=prompt_tokens, rounds_log=[] if record_rounds else None)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per round: accepted drafts per round + 1."""
+        return self.accepted_tokens / self.rounds + 1 if self.rounds else 0.0
+
+    @property
+    def acceptance_by_position(self) -> List[float]:
+        """Fraction of rounds drafting position i whose draft i was accepted."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position)]
+
+    @property
+    def rejection_rate(self) -> float:
+        drafted = self.drafted_tokens
+        return (drafted - self.accepted_tokens) / drafted if drafted else 0.0
+
+    @property
+    def fallback_rate(self) -> float:
+        return self.fallback_rounds / self.rounds if self.rounds else 0.0
+
+    def record(self, round_: Round) -> None:
+        if self.rounds_log is not None:
+            self.rounds_log.append(
+                dict(position=round_.position, drafted=round_.drafted, accepted=round_.accepted,
+                     emitted=round_.emitted, prefill=round_.from_prefill)
+            )
+        if round_.from_prefill:
+            return
+        self.rounds += 1
+        self.drafted_tokens += len(round_.drafted)
+        self.accepted_tokens += round_.accepted
+        self.fallback_rounds += bool(round_.drafted) and round_.accepted == 0
+        for i in range(len(round_.drafted)):
+            self.drafted_by_position[i] += 1
+            self.accepted_by_position[i] += i < round_.accepted
+
+    def finish(self, generation_tokens: int, seconds: float, peak_memory: float) -> None:
+        """Record the end of the run: tokens handed out in `seconds` of generation."""
+        self.generation_tokens = generation_tokens
+        self.generation_tps = generation_tokens / seconds
+        self.peak_memory = peak_memory
+
+    def merge(self, other: "SpeculativeStats") -> "SpeculativeStats":
+        """Two runs' statistics as one run's: counts summed (so the rates weigh every round
+        alike), tokens/s over both runs' time, the higher peak memory, round logs joined
+        (kept only when both runs recorded one)."""
+        if other.num_draft_tokens != self.num_draft_tokens:
+            raise ValueError(f"cannot merge statistics of k={self.num_draft_tokens} and "
+                             f"k={other.num_draft_tokens}: merge runs of one draft length")
+        logs = None
+        if self.rounds_log is not None and other.rounds_log is not None:
+            logs = self.rounds_log + other.rounds_log
+        return SpeculativeStats(
+            num_draft_tokens=self.num_draft_tokens,
+            rounds=self.rounds + other.rounds,
+            drafted_tokens=self.drafted_tokens + other.drafted_tokens,
+            accepted_tokens=self.accepted_tokens + other.accepted_tokens,
+            fallback_rounds=self.fallback_rounds + other.fallback_rounds,
+            accepted_by_position=_summed(self.accepted_by_position, other.accepted_by_position),
+            drafted_by_position=_summed(self.drafted_by_position, other.drafted_by_position),
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            prompt_tps=_pooled_rate(self.prompt_tokens, self.prompt_tps, other.prompt_tokens, other.prompt_tps),
+            generation_tokens=self.generation_tokens + other.generation_tokens,
+            generation_tps=_pooled_rate(self.generation_tokens, self.generation_tps,
+                                        other.generation_tokens, other.generation_tps),
+            peak_memory=max(self.peak_memory, other.peak_memory),
+            rounds_log=logs,
+        )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["rounds_log"] is None:
+            del d["rounds_log"]
+        for name in ("mean_accepted_length", "acceptance_by_position", "rejection_rate", "fallback_rate"):
+            d[name] = getattr(self, name)
+        return d
+
+    def summary(self) -> str:
+        """The statistics as a few lines of text, for people."""
+        by_position = " ".join(f"{a:.2f}" for a in self.acceptance_by_position) or "-"
+        return (
+            f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tokens/s\n"
+            f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tokens/s\n"
+            f"speculation: k={self.num_draft_tokens}, {self.rounds} rounds, "
+            f"mean accepted length {self.mean_accepted_length:.2f}, "
+            f"acceptance by position [{by_position}], "
+            f"rejection rate {self.rejection_rate:.2f}, fallback rate {self.fallback_rate:.2f}\n"
+            f"peak memory: {self.peak_memory:.3f} GB"
+        )
+
+
+def _pooled_rate(count_a: int, rate_a: float, count_b: int, rate_b: float) -> float:
+    """Items per second of two runs together, from each run's count and rate."""
+    seconds = (count_a / rate_a if rate_a else 0.0) + (count_b / rate_b if rate_b else 0.0)
+    return (count_a + count_b) / seconds if seconds else 0.0
+
+
+def _summed(a: List[int], b: List[int]) -> List[int]:
+    return [x + y for x, y in zip(a, b)]
