@@ -95,7 +95,7 @@ def test_ranks_that_cannot_split_the_heads_are_refused_with_a_clear_error(pairs)
     target, assistant = pairs["dense"]  # 4 query heads: 3 ranks cannot share them
     done = launch(3, "-m", "gemma_mtp_mlx", "generate", "--model", target, "--draft-model", assistant,
                   "--prompt", "hello", "--no-chat-template", "--max-tokens", "4", timeout=300)
-    assert done.returncode != 0
+    # (mlx.launch itself exits 0 whatever its ranks did: the message is what counts)
     assert "cannot split" in done.stderr and "4 query heads" in done.stderr and "Traceback" not in done.stderr
 
 
@@ -118,7 +118,7 @@ def test_a_rank_that_dies_mid_generation_ends_the_run_with_a_clear_error(pairs, 
         child.wait(timeout=60)
         assert time.monotonic() - started < 60
         stderr = child.stderr.read()
-        assert child.returncode != 0
+        assert "another rank of this run exited" in stderr, stderr[-2000:]
         assert "rank 1" in stderr and "Traceback" not in stderr, stderr[-2000:]
     finally:
         if child.poll() is None:
