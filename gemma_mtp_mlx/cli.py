@@ -10,7 +10,7 @@ from typing import Callable, List, Optional
 
 from mlx_lm.sample_utils import make_logits_processors
 
-from . import bench, chat, convert, selfcheck, server
+from . import bench, chat, convert, distributed, selfcheck, server
 from .checkpoint import CheckpointError
 from .generate import chat_prompt, stream_generate
 from .loading import load
@@ -145,6 +145,14 @@ def run_generate(args) -> None:
 
 
 def load_pair(args):
+    """The model and drafter `args` name; split over the ranks when started by `mlx.launch`
+    (then only rank 0 prints, and every rank samples with the same seed)."""
+    group = distributed.world()
+    if group.size() > 1:
+        distributed.quiet_other_ranks(group)
+        distributed.exit_when_terminated(group)
+        args.seed = distributed.shared_seed(args.seed, group)
+        return distributed.load_sharded(args.model, args.draft_model, no_draft=args.no_draft, group=group)
     if args.no_draft:
         model, tokenizer, _ = load(args.model)
         return model, tokenizer, None
@@ -152,6 +160,8 @@ def load_pair(args):
 
 
 def run_chat(args) -> None:
+    if distributed.world().size() > 1:
+        raise ValueError("chat reads the terminal on one process: under mlx.launch use generate")
     model, tokenizer, drafter = load_pair(args)
     chat.chat(model, tokenizer, drafter, generation_options(args), name=args.model or "the default model",
               system=args.system, max_context=args.max_context)
@@ -164,7 +174,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         if args.debug:
             raise
-        print(f"gemma-mtp: error: {e}", file=sys.stderr)
+        print(f"gemma-mtp{distributed.rank_label()}: error: {e}", file=sys.__stderr__)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -18,7 +18,7 @@ DEFAULT_DRAFT_MODEL = MODELS_DIR / "gemma-4-tiny-python-assistant"
 DEFAULT_PROMPTS_FILE = MODELS_DIR / "prompts.jsonl"  # held-out code, for benchmarks
 
 
-def load(path_or_repo: Optional[str] = None, draft_model: Optional[str] = None):
+def load(path_or_repo: Optional[str] = None, draft_model: Optional[str] = None, lazy: bool = False):
     """Load a target and its drafter: (model, tokenizer, draft_model or None).
 
     Without `path_or_repo`, the default pair that ships with the package (a tiny Gemma 4
@@ -30,7 +30,7 @@ def load(path_or_repo: Optional[str] = None, draft_model: Optional[str] = None):
         path_or_repo = DEFAULT_MODEL
         draft_model = DEFAULT_DRAFT_MODEL if draft_model is None else draft_model
     path = resolve_path(str(path_or_repo))
-    target, tokenizer = load_target(path)
+    target, tokenizer = load_target(path, lazy=lazy)
     if draft_model is None and (path / PAIR_DRAFTER_DIR / "config.json").is_file():
         draft_model = path / PAIR_DRAFTER_DIR
     drafter = None

@@ -124,9 +124,12 @@ def first_token(target: Target, prompt: mx.array, cache: List, sampling: Samplin
     """Prefill the prompt and choose the token after it: (the first round's input, that
     token's log-probability [1])."""
     position = (cache[0].offset if cache else 0) + prompt.size
-    logits, hidden = prefill(target, prompt, cache, step_size)
-    logprobs = sampling.process(prompt[:-1], prompt[-1:], logits)  # [1, vocab]
-    token = sampling.sample(logprobs)  # [1]
+    # All model work runs on the one generation stream: in a tensor-parallel run, work on
+    # two streams could reach its all-reduces in different orders on different ranks.
+    with mx.stream(GENERATION_STREAM):
+        logits, hidden = prefill(target, prompt, cache, step_size)
+        logprobs = sampling.process(prompt[:-1], prompt[-1:], logits)  # [1, vocab]
+        token = sampling.sample(logprobs)  # [1]
     return RoundInput(token, hidden, position, prompt), token_logprobs(logprobs, token)
 
 
