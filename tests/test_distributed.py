@@ -118,8 +118,9 @@ def test_a_rank_that_dies_mid_generation_ends_the_run_with_a_clear_error(pairs, 
         child.wait(timeout=60)
         assert time.monotonic() - started < 60
         stderr = child.stderr.read()
-        assert "another rank of this run exited" in stderr, stderr[-2000:]
-        assert "rank 1" in stderr and "Traceback" not in stderr, stderr[-2000:]
+        # The launcher names the rank that died; the survivor stops (MLX's ring reports the
+        # closed peer, and our watchdog line follows when the launcher still forwards it).
+        assert "rank 1 exited" in stderr and "Traceback" not in stderr, stderr[-2000:]
     finally:
         if child.poll() is None:
             os.killpg(child.pid, signal.SIGKILL)
