@@ -1,5 +1,6 @@
 """Gemma 4 with its Multi-Token-Prediction drafter on MLX: faster, and exactly the target's output."""
 
+from .adaptive import DraftLengthController
 from .drafter import Drafter, load_drafter
 from .generate import (
     GenerationResponse,
@@ -14,6 +15,7 @@ from .target import Target
 __version__ = "0.1.0"
 
 __all__ = [
+    "DraftLengthController",
     "Drafter",
     "GenerationResponse",
     "SpeculativeStats",

@@ -9,6 +9,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .adaptive import AUTO, AUTO_MAX_DRAFT_TOKENS, DraftLengthController
 from .cache import SlidingKVCache, rollback_cache, rollback_needed
 from .checkpoint import resolve_path
 from .drafter import Drafter, check_pair, load_drafter
@@ -21,7 +22,8 @@ from .target import Target, load_target
 class SpeculativeStats:
     """Counts over the rounds whose tokens were handed out."""
 
-    num_draft_tokens: int = 0
+    num_draft_tokens: int = 0  # k; with `auto`, the most a round may draft
+    auto: bool = False  # k chosen per round (num_draft_tokens="auto")
     rounds: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
@@ -34,6 +36,7 @@ class SpeculativeStats:
     generation_tps: float = 0.0
     peak_memory_gb: float = 0.0
     rounds_log: Optional[List[dict]] = None
+    rounds_by_k: List[int] = field(default_factory=list)  # rounds that drafted k tokens, k = 0..
 
     @property
     def mean_accepted_length(self) -> float:
@@ -57,12 +60,13 @@ class SpeculativeStats:
     def record(self, round_: Round) -> None:
         if self.rounds_log is not None:
             self.rounds_log.append(
-                dict(position=round_.position, drafted=round_.drafted, accepted=round_.accepted,
+                dict(position=round_.position, k=round_.k, drafted=round_.drafted, accepted=round_.accepted,
                      emitted=round_.emitted, prefill=round_.from_prefill)
             )
         if round_.from_prefill:
             return
         self.rounds += 1
+        self.rounds_by_k[round_.k] += 1
         self.drafted_tokens += len(round_.drafted)
         self.accepted_tokens += round_.accepted
         self.fallback_rounds += bool(round_.drafted) and round_.accepted == 0
@@ -126,9 +130,10 @@ def load(path_or_repo: Optional[str] = None, draft_model: Optional[str] = None):
     return target, tokenizer, drafter
 
 
-def make_prompt_cache(model, num_draft_tokens: int = 16) -> List:
-    """A cache to carry across calls (chat turns); rolls back up to `num_draft_tokens`."""
-    return _as_target(model).make_cache(num_draft_tokens)
+def make_prompt_cache(model, num_draft_tokens: Union[int, str] = 16) -> List:
+    """A cache to carry across calls (chat turns); rolls back up to `num_draft_tokens`
+    ("auto": the most that `num_draft_tokens="auto"` drafts)."""
+    return _as_target(model).make_cache(AUTO_MAX_DRAFT_TOKENS if num_draft_tokens == AUTO else num_draft_tokens)
 
 
 def _as_target(model) -> Target:
@@ -159,15 +164,42 @@ def encode_prompt(tokenizer: TokenizerWrapper, prompt: Union[str, List[int], mx.
     return prompt
 
 
-def _draft_length(target: Target, draft_model, num_draft_tokens: Optional[int]) -> int:
+def _draft_length(target: Target, draft_model, num_draft_tokens) -> Union[int, str, DraftLengthController]:
     if draft_model is None:
         return 0
     if isinstance(draft_model, Drafter):  # test doubles only need a `draft` method
         check_pair(target, draft_model)
     k = draft_model.default_num_draft_tokens if num_draft_tokens is None else num_draft_tokens
-    if k < 1:
-        raise ValueError(f"num_draft_tokens must be at least 1, got {k}")
+    if k == AUTO or isinstance(k, DraftLengthController):
+        return k
+    if isinstance(k, str) or k < 1:
+        raise ValueError(f"num_draft_tokens must be at least 1 (or {AUTO!r}), got {k!r}")
     return k
+
+
+def _widest(k: Union[int, str, DraftLengthController]) -> int:
+    """The most drafts a round may use."""
+    if isinstance(k, DraftLengthController):
+        return k.max_k
+    return AUTO_MAX_DRAFT_TOKENS if k == AUTO else k
+
+
+def _room(cache: List) -> Optional[int]:
+    """The most draft tokens a round may use with `cache` (None: no limit)."""
+    reserved = min((c.rollback for c in cache if isinstance(c, SlidingKVCache)), default=None)
+    return None if reserved is None else reserved // 2 - 1  # inverse of rollback_needed
+
+
+def _controller(target: Target, drafter, sampling: Sampling, cache: List) -> DraftLengthController:
+    """The `auto` controller of this pair and kind of sampling, kept on the drafter so that
+    what it measured carries over to the next call; its widest round fits `cache`."""
+    room = _room(cache)
+    max_k = AUTO_MAX_DRAFT_TOKENS if room is None else max(0, min(AUTO_MAX_DRAFT_TOKENS, room))
+    controllers = vars(drafter).setdefault("_auto_draft_length", {})
+    key = (id(target.model), sampling.exact_distribution, sampling.draft_mode, max_k)
+    if key not in controllers:
+        controllers[key] = DraftLengthController(max_k)
+    return controllers[key]
 
 
 def _check_rollback_room(cache: List, k: int) -> None:
@@ -176,8 +208,8 @@ def _check_rollback_room(cache: List, k: int) -> None:
             "prompt_cache must come from gemma_mtp_mlx.make_prompt_cache "
             "(mlx-lm's rotating cache cannot roll back rejected drafts)"
         )
-    reserved = min((c.rollback for c in cache if isinstance(c, SlidingKVCache)), default=None)
-    if reserved is not None and reserved < rollback_needed(k):
+    room = _room(cache)
+    if room is not None and room < k:
         raise ValueError(
             f"prompt_cache was made for fewer draft tokens than {k}: "
             f"make it with make_prompt_cache(model, num_draft_tokens={k})"
@@ -191,7 +223,7 @@ def stream_generate(
     *,
     draft_model: Optional[Drafter] = None,
     max_tokens: int = 256,
-    num_draft_tokens: Optional[int] = None,
+    num_draft_tokens: Union[int, str, DraftLengthController, None] = None,
     prompt_cache: Optional[List] = None,
     prefill_step_size: int = 512,
     record_rounds: bool = False,
@@ -209,6 +241,10 @@ def stream_generate(
 
     With `draft_model` the target verifies the drafter's proposals (output identical to
     the target alone); without it this is plain target decoding through the same loop.
+    `num_draft_tokens`: drafts per round (default: the drafter's own number), or "auto":
+    each round's k (0 = plain decoding) chosen from the acceptance and round times
+    measured so far by a controller kept with the drafter (adaptive.py), or such a
+    `DraftLengthController` of your own.
     `prompt_cache` (from `make_prompt_cache`) keeps K/V across calls: pass only the new
     tokens then (if a call stops before its first token, the cache may hold part of its
     prompt: make a new one). Sampling options are mlx-lm's (`temp=0` is greedy); speculative sampling
@@ -226,14 +262,19 @@ def stream_generate(
     prompt = encode_prompt(tokenizer, prompt)
     if seed is not None:
         mx.random.seed(seed)
-    cache = prompt_cache if prompt_cache is not None else target.make_cache(k)
-    _check_rollback_room(cache, k)
+    cache = prompt_cache if prompt_cache is not None else target.make_cache(_widest(k))
+    if k == AUTO:
+        k = _controller(target, draft_model, sampling, cache)
+    max_k = _widest(k)
+    _check_rollback_room(cache, max_k)
     start_offset = cache[0].offset if cache else 0
 
     stats = SpeculativeStats(
-        num_draft_tokens=k,
-        accepted_by_position=[0] * k,
-        drafted_by_position=[0] * k,
+        num_draft_tokens=max_k,
+        auto=isinstance(k, DraftLengthController),
+        rounds_by_k=[0] * (max_k + 1),
+        accepted_by_position=[0] * max_k,
+        drafted_by_position=[0] * max_k,
         prompt_tokens=prompt.size,
         rounds_log=[] if record_rounds else None,
     )

@@ -5,11 +5,13 @@ One host synchronisation per round. The next round is queued on the device
 detokenising and streaming overlap with the device's work.
 """
 
+import time
 from dataclasses import dataclass
-from typing import Generator, List
+from typing import Generator, List, Union
 
 import mlx.core as mx
 
+from .adaptive import DraftLengthController
 from .cache import rollback_cache
 from .sampling import Sampling
 from .target import Target
@@ -30,6 +32,7 @@ class Round:
     emitted: List[int]  # accepted drafts + one target token
     logprobs: List[float]  # each emitted token's log-probability under the target
     from_prefill: bool = False  # the first token, chosen from the prompt's last logits
+    k: int = 0  # drafts the round was built for (a round cut at a stop drafted fewer)
 
 
 def prefill(target: Target, prompt: mx.array, cache: List, step_size: int = 512):
@@ -50,16 +53,20 @@ def generate_rounds(
     cache: List,
     sampling: Sampling,
     drafter=None,
-    num_draft_tokens: int = 0,
+    num_draft_tokens: Union[int, DraftLengthController] = 0,
     prefill_step_size: int = 512,
 ) -> Generator[Round, None, None]:
     """Yield rounds until the caller stops. The first round carries only the token chosen
     from the prompt's last logits.
 
-    The cache is left holding exactly the verified positions before the newest token of
-    the last round that was handed out.
+    `num_draft_tokens` is every round's k, or a controller (adaptive.py) asked for each
+    round's k and told each round's outcome and duration; the cache must have rollback
+    room for its largest k. The cache is left holding exactly the verified positions
+    before the newest token of the last round that was handed out.
     """
-    k = num_draft_tokens if drafter is not None else 0
+    controller = num_draft_tokens if drafter is not None and not isinstance(num_draft_tokens, int) else None
+    fixed_k = num_draft_tokens if drafter is not None and controller is None else 0
+    next_k = controller.choose if controller is not None else lambda: fixed_k
     sampled_drafts = sampling.exact_distribution and sampling.draft_mode == "sampled"
     position = (cache[0].offset if cache else 0) + prompt.size
     logits, hidden = prefill(target, prompt, cache, prefill_step_size)
@@ -80,9 +87,9 @@ def generate_rounds(
 
     def schedule(token, hidden, position, history):
         with mx.stream(GENERATION_STREAM):
-            return build_round(token, hidden, position, history)
+            return build_round(next_k(), token, hidden, position, history)
 
-    def build_round(token, hidden, position, history):
+    def build_round(k, token, hidden, position, history):
         drafts, draft_logprobs = mx.array([], dtype=mx.uint32), None
         if k:
             sample = draft_sampler(history) if sampled_drafts else None
@@ -97,14 +104,15 @@ def generate_rounds(
         choice_lp = mx.take_along_axis(logprobs, choices[:, None], axis=-1)
         pending = (drafts, accepted, choices, hiddens, draft_lp, choice_lp)
         mx.async_eval(pending)
-        return pending
+        return (k, *pending)
 
     first_logprob = mx.take_along_axis(logprobs, token[:, None], axis=-1)
     pending = schedule(token, hidden, position, history)
+    finished = None  # when the last round's outcome reached the host
     try:
         yield Round(position - 1, [], 0, token.tolist(), first_logprob.reshape(-1).tolist(), True)
         while True:
-            drafts, accepted, choices, hiddens, draft_lp, choice_lp = pending
+            k, drafts, accepted, choices, hiddens, draft_lp, choice_lp = pending
             pending = None
             if not k:
                 # Plain decoding keeps every round's one token, so the next round does not
@@ -115,10 +123,14 @@ def generate_rounds(
                 token = choices
                 pending = schedule(token, hiddens, position + 1, history)
             n = accepted.item()  # the round's one wait; the rest is already computed
+            if controller is not None:
+                now = time.perf_counter()
+                controller.observe(k, n, now - finished if finished is not None else None)
+                finished = now
             drafted = drafts.tolist()
             emitted = drafted[:n] + [choices.tolist()[n]]
             logprobs = draft_lp.reshape(-1).tolist()[:n] + [choice_lp.reshape(-1).tolist()[n]]
-            round_ = Round(position, drafted, n, emitted, logprobs)
+            round_ = Round(position, drafted, n, emitted, logprobs, k=k)
             if k:
                 rollback_cache(cache, position + n + 1)
                 if sampling.logits_processors:  # only they read the history
