@@ -12,6 +12,7 @@ from typing import List, Optional
 from mlx_lm.sample_utils import make_logits_processors
 
 from . import bench, convert
+from .adaptive import AUTO
 from .checkpoint import CheckpointError
 from .generate import chat_prompt, load, make_prompt_cache, stream_generate
 from .sampling import DRAFT_MODES
@@ -25,8 +26,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              "unset: the tiny Python-code pair that ships with the package")
     parser.add_argument("--draft-model", default=None, help="gemma4_assistant drafter: directory or Hub repo id")
     parser.add_argument("--no-draft", action="store_true", help="plain target decoding, for comparison")
-    parser.add_argument("--num-draft-tokens", type=int, default=None,
-                        help="tokens drafted per round; unset: the drafter's num_assistant_tokens, else 4")
+    parser.add_argument("--num-draft-tokens", type=draft_tokens, default=None,
+                        help="tokens drafted per round, or auto: chosen each round from the acceptance and "
+                             "round times measured so far (0 = plain decoding when drafting loses); "
+                             "unset: the drafter's num_assistant_tokens, else 4")
     parser.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate per reply")
     parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 disables")
@@ -38,6 +41,15 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     parser.add_argument("--system", default=None, help="a system message for the chat template")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def draft_tokens(text: str):
+    if text == AUTO:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or {AUTO}, got {text!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +109,7 @@ def format_stats(stats) -> str:
     return (
         f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tokens/s\n"
         f"generation: {stats.generation_tokens} tokens, {stats.generation_tps:.1f} tokens/s\n"
-        f"speculation: k={stats.num_draft_tokens}, {stats.rounds} rounds, "
+        f"speculation: k={_draft_length(stats)}, {stats.rounds} rounds, "
         f"mean accepted length {stats.mean_accepted_length:.2f}, "
         f"acceptance by position [{by_position}], "
         f"rejection rate {stats.rejection_rate:.2f}, fallback rate {stats.fallback_rate:.2f}\n"
@@ -105,16 +117,23 @@ def format_stats(stats) -> str:
     )
 
 
+def _draft_length(stats) -> str:
+    if not stats.auto:
+        return str(stats.num_draft_tokens)
+    used = " ".join(f"{k}:{n}" for k, n in enumerate(stats.rounds_by_k) if n)
+    return f"auto (up to {stats.num_draft_tokens}; rounds by k {used or '-'})"
+
+
 def format_rounds(rounds_log: List[dict], tokenizer) -> str:
-    """One line per round: accepted drafts in [brackets], rejected ones ~struck~, and the
-    target's own token after `->`."""
+    """One line per round: accepted/k (the drafts it was built for), accepted drafts in
+    [brackets], rejected ones ~struck~, and the target's own token after `->`."""
     lines = []
     for r in rounds_log:
         shown = [f"[{tokenizer.decode([t])!r}]" for t in r["drafted"][: r["accepted"]]]
         shown += [f"~{tokenizer.decode([t])!r}~" for t in r["drafted"][r["accepted"]:]]
         own = r["emitted"][r["accepted"]:]
         target = f" -> {tokenizer.decode(own)!r}" if own else ""
-        label = "prefill" if r["prefill"] else f"{r['accepted']}/{len(r['drafted'])}"
+        label = "prefill" if r["prefill"] else f"{r['accepted']}/{r['k']}"
         lines.append(f"@{r['position']:>5} {label:>7} {' '.join(shown)}{target}")
     return "\n".join(lines)
 
