@@ -171,6 +171,6 @@ class DraftLengthController:
             if mean is None:
                 self.mean_seconds[k] = seconds
             else:  # the plain mean of the first timings, then a running one; a stalled
-                # round (a busy machine) moves it by a bounded step
+                # round (a busy machine) or one that overlapped the previous moves it a bounded step
                 weight = max(1 / self.timings[k], self.time_smoothing)
-                self.mean_seconds[k] = mean + weight * (min(seconds, 3 * mean) - mean)
+                self.mean_seconds[k] = mean + weight * (min(max(seconds, mean / 2), 2 * mean) - mean)

@@ -109,11 +109,13 @@ def generate_rounds(
     first_logprob = mx.take_along_axis(logprobs, token[:, None], axis=-1)
     pending = schedule(token, hidden, position, history)
     finished = None  # when the last round's outcome reached the host
+    overlapped = False  # the round was queued before the one ahead of it finished
     try:
         yield Round(position - 1, [], 0, token.tolist(), first_logprob.reshape(-1).tolist(), True)
         while True:
             k, drafts, accepted, choices, hiddens, draft_lp, choice_lp = pending
             pending = None
+            timed, overlapped = not (k and overlapped), False
             if not k:
                 # Plain decoding keeps every round's one token, so the next round does not
                 # depend on this one's outcome: queue it before waiting (as mlx-lm does),
@@ -121,11 +123,13 @@ def generate_rounds(
                 if sampling.logits_processors:
                     history = mx.concatenate([history, token])
                 token = choices
-                pending = schedule(token, hiddens, position + 1, history)
+                pending, overlapped = schedule(token, hiddens, position + 1, history), True
             n = accepted.item()  # the round's one wait; the rest is already computed
             if controller is not None:
                 now = time.perf_counter()
-                controller.observe(k, n, now - finished if finished is not None else None)
+                # A drafting round queued behind a plain one ran partly before `finished`:
+                # its time is unknown. Back-to-back plain rounds share it out on average.
+                controller.observe(k, n, now - finished if finished is not None and timed else None)
                 finished = now
             drafted = drafts.tolist()
             emitted = drafted[:n] + [choices.tolist()[n]]
