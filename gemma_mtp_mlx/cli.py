@@ -125,16 +125,16 @@ def _draft_length(stats) -> str:
 
 
 def format_rounds(rounds_log: List[dict], tokenizer) -> str:
-    """One line per round: accepted/k (the drafts it was built for), accepted drafts in
-    [brackets], rejected ones ~struck~, and the target's own token after `->`."""
+    """One line per round: its k (chosen per round with `auto`), accepted/drafted, accepted
+    drafts in [brackets], rejected ones ~struck~, and the target's own token after `->`."""
     lines = []
     for r in rounds_log:
         shown = [f"[{tokenizer.decode([t])!r}]" for t in r["drafted"][: r["accepted"]]]
         shown += [f"~{tokenizer.decode([t])!r}~" for t in r["drafted"][r["accepted"]:]]
         own = r["emitted"][r["accepted"]:]
         target = f" -> {tokenizer.decode(own)!r}" if own else ""
-        label = "prefill" if r["prefill"] else f"{r['accepted']}/{r['k']}"
-        lines.append(f"@{r['position']:>5} {label:>7} {' '.join(shown)}{target}")
+        label = "prefill" if r["prefill"] else f"k={r['k']} {r['accepted']}/{len(r['drafted'])}"
+        lines.append(f"@{r['position']:>5} {label:>9} {' '.join(shown)}{target}")
     return "\n".join(lines)
 
 
