@@ -22,6 +22,7 @@ import time
 
 from gemma_mtp_mlx import load, stream_generate
 from gemma_mtp_mlx.bench import blas_info, read_prompts
+from gemma_mtp_mlx.generate import DEFAULT_PROMPTS_FILE
 
 
 def run(model, tokenizer, drafter, prompt, k, max_tokens):
@@ -45,10 +46,8 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="write everything as JSON here")
     args = parser.parse_args(argv)
     model, tokenizer, drafter = load(args.model, args.draft_model)
-    from gemma_mtp_mlx.generate import DEFAULT_PROMPTS_FILE
     prompts = read_prompts(args.prompts or DEFAULT_PROMPTS_FILE)
     configs = [0] + [int(k) for k in args.ks.split(",")] + ["auto"]
-    name = lambda k: "plain" if k == 0 else f"k={k}"
     for k in configs:  # warm-up (auto also learns this machine's round times here)
         for prompt in prompts[:3]:
             run(model, tokenizer, drafter, prompt, k, 16)
@@ -64,12 +63,17 @@ def main(argv=None):
                 if k == "auto":
                     rounds_by_k.append(stats.rounds_by_k)
         print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+        report(args, prompts, configs, tokens, seconds, rounds_by_k, r + 1)
+
+
+def report(args, prompts, configs, tokens, seconds, rounds_by_k, repeats):
+    """Print (and write) the results of the first `repeats` repeats."""
+    name = lambda k: "plain" if k == 0 else f"k={k}"
     result = dict(blas=blas_info()["name"], prompts=len(prompts), max_tokens=args.max_tokens,
-                  repeats=args.repeats, configs={})
+                  repeats=repeats, configs={})
     for k in configs:
-        by_repeat = [sum(tokens[k][r]) / sum(seconds[k][r]) for r in range(args.repeats)]
-        over_auto = [seconds[k][r][p] / seconds["auto"][r][p]
-                     for r in range(args.repeats) for p in range(len(prompts))]
+        by_repeat = [sum(tokens[k][r]) / sum(seconds[k][r]) for r in range(repeats)]
+        over_auto = [seconds[k][r][p] / seconds["auto"][r][p] for r in range(repeats) for p in range(len(prompts))]
         result["configs"][name(k)] = dict(
             tokens_per_s=statistics.median(by_repeat), tokens_per_s_by_repeat=by_repeat,
             time_over_auto_median=statistics.median(over_auto),
@@ -80,7 +84,7 @@ def main(argv=None):
         q = r["time_over_auto_quartiles"]
         print(f"{label:>6}: {r['tokens_per_s']:6.1f} tokens/s (repeats {spread}); time / auto's on the same "
               f"prompt: median {r['time_over_auto_median']:.3f} (quartiles {q[0]:.3f}-{q[2]:.3f})")
-    print(f"  auto rounds by k: {result['auto_rounds_by_k']}")
+    print(f"  auto rounds by k: {result['auto_rounds_by_k']} ({repeats} repeats)", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
