@@ -1,5 +1,6 @@
 """Gemma 4 with its Multi-Token-Prediction drafter on MLX: faster, and exactly the target's output."""
 
+from .adaptive import DraftLengthController
 from .batch import BatchEngine, BatchResponse, RowEvent, batch_generate
 from .drafter import Drafter, load_drafter
 from .generate import GenerationResponse, SpeculativeStats, generate, make_prompt_cache, stream_generate
@@ -13,6 +14,7 @@ __all__ = [
     "BatchResponse",
     "RowEvent",
     "batch_generate",
+    "DraftLengthController",
     "Drafter",
     "GenerationResponse",
     "SpeculativeStats",

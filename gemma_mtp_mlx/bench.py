@@ -31,13 +31,14 @@ from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 
 from . import shapes, timeline
+from .adaptive import AUTO, AUTO_MAX_DRAFT_TOKENS, round_cost
 from .cache import rollback_cache
 from .generate import chat_prompt, encode_prompt, stream_generate
 from .loading import DEFAULT_MODEL, DEFAULT_PROMPTS_FILE, as_target, load
 from .selfcheck import exactness_check
 from .stats import SpeculativeStats
 
-DEFAULT_KS = (1, 2, 3, 4, 6, 8)
+DEFAULT_KS = (1, 2, 3, 4, 6, 8, AUTO)
 DEFAULT_TEMPS = (0.0, 0.7)
 DEFAULT_OUT = "bench/results"
 DEFAULT_PROMPTS = [
@@ -51,7 +52,7 @@ TIMING_WARMUP = 3
 
 @dataclass(frozen=True)
 class Config:
-    kind: str  # "plain" (our API, no drafter), "mlx-lm" (mlx_lm.stream_generate), "speculative"
+    kind: str  # "plain" (our API, no drafter), "mlx-lm" (mlx_lm.stream_generate), "speculative", "auto"
     temp: float
     k: int = 0
 
@@ -59,6 +60,10 @@ class Config:
     def name(self) -> str:
         what = f"k={self.k}" if self.kind == "speculative" else self.kind
         return f"{what} t={self.temp:g}"
+
+    @property
+    def num_draft_tokens(self):
+        return AUTO if self.kind == "auto" else self.k or None
 
 
 @dataclass
@@ -101,7 +106,7 @@ def run_benchmark(
     configs = [
         config
         for temp in temps
-        for config in [Config("plain", temp), Config("mlx-lm", temp)] + [Config("speculative", temp, k) for k in ks]
+        for config in [Config("plain", temp), Config("mlx-lm", temp)] + [_draft_config(temp, k) for k in ks]
     ]
 
     def run(config: Config, prompt: List[int], prompt_seed: int, tokens: int) -> Run:
@@ -114,7 +119,8 @@ def run_benchmark(
     for config in configs:
         run(config, prompts[0], seed, min(max_tokens, 16))
     report("measuring step costs")
-    costs = measure_costs(target, draft_model, prompts[0], ks, iters=timing_iters)
+    timed_ks = sorted({k for k in ks if k != AUTO} | (set(range(1, AUTO_MAX_DRAFT_TOKENS + 1)) if AUTO in ks else set()))
+    costs = measure_costs(target, draft_model, prompts[0], timed_ks, iters=timing_iters)
 
     runs: Dict[Config, List[List[Run]]] = {config: [] for config in configs}
     for repeat in range(repeats):
@@ -152,8 +158,8 @@ def _check_options(draft_model, prompts, ks, temps, max_tokens, repeats) -> None
                          "or a converted pair directory")
     if not prompts:
         raise ValueError("no prompts to benchmark: give at least one")
-    if not ks or any(k < 1 for k in ks) or len(set(ks)) != len(ks):
-        raise ValueError(f"draft lengths must be distinct integers >= 1, got {list(ks)}")
+    if not ks or any(k != AUTO and (isinstance(k, str) or k < 1) for k in ks) or len(set(ks)) != len(ks):
+        raise ValueError(f"draft lengths must be distinct integers >= 1 or {AUTO!r}, got {list(ks)}")
     if not temps or any(t < 0 for t in temps) or len(set(temps)) != len(temps):
         raise ValueError(f"temperatures must be distinct numbers >= 0, got {list(temps)}")
     if max_tokens < 1 or repeats < 1:
@@ -162,8 +168,9 @@ def _check_options(draft_model, prompts, ks, temps, max_tokens, repeats) -> None
 
 def _run_ours(target, tokenizer, drafter, prompt, config: Config, max_tokens: int, seed: int) -> Run:
     last = None
-    for last in stream_generate(target, tokenizer, prompt, draft_model=drafter if config.k else None,
-                                num_draft_tokens=config.k or None, max_tokens=max_tokens,
+    k = config.num_draft_tokens
+    for last in stream_generate(target, tokenizer, prompt, draft_model=drafter if k else None,
+                                num_draft_tokens=k, max_tokens=max_tokens,
                                 temp=config.temp, seed=seed):
         pass
     stats = last.stats
@@ -211,9 +218,24 @@ def _summarise(config: Config, repeats: List[List[Run]], costs: dict) -> dict:
                       acceptance_by_position=stats.acceptance_by_position,
                       rejection_rate=stats.rejection_rate, fallback_rate=stats.fallback_rate)
     if config.kind == "speculative":
-        round_cost = costs["v"][str(config.k)] + config.k * costs["c"]
-        result.update(round_cost=round_cost, predicted_speedup=result["mean_accepted_length"] / round_cost)
+        cost = round_cost(config.k, costs["c"], costs["v"][str(config.k)])
+        result.update(round_cost=cost, predicted_speedup=result["mean_accepted_length"] / cost)
+    if config.kind == "auto":
+        result.update(_auto_summary([r.stats for r in every_run], costs))
     return result
+
+
+def _draft_config(temp: float, k) -> Config:
+    return Config("auto", temp) if k == AUTO else Config("speculative", temp, k)
+
+
+def _auto_summary(stats: List[SpeculativeStats], costs: dict) -> dict:
+    """What `auto` chose (rounds per k) and the speedup the benchmark's cost model predicts
+    for those rounds: tokens over the rounds' summed costs in decode steps."""
+    rounds_by_k = [sum(column) for column in zip(*(s.rounds_by_k for s in stats))]
+    cost = sum(n * round_cost(k, costs["c"], costs["v"][str(k)] if k else 1.0) for k, n in enumerate(rounds_by_k))
+    tokens = sum(s.rounds + s.accepted_tokens for s in stats)
+    return dict(rounds_by_k=rounds_by_k, round_cost=cost / sum(rounds_by_k), predicted_speedup=tokens / cost)
 
 
 def measure_costs(target, drafter, prompt: List[int], ks: Sequence[int], iters: int = 20) -> dict:
@@ -348,6 +370,13 @@ def describe_best(best: dict) -> str:
             f"{best['ratio']:.2f}x plain decoding){verdict}")
 
 
+def describe_auto(r: dict) -> str:
+    """The share of `auto`'s rounds that drafted each k."""
+    total = sum(r["rounds_by_k"])
+    shares = ", ".join(f"k={k} {n / total:.0%}" for k, n in enumerate(r["rounds_by_k"]) if n)
+    return f"\n{r['name']}: rounds by k: {shares}"
+
+
 def _number(value: Optional[float], digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -396,6 +425,7 @@ def markdown_report(result: dict) -> str:
         "",
         markdown_table(result),
     ]
+    lines += [describe_auto(r) for r in result["configs"] if r["kind"] == "auto"]
     if result.get("best"):
         lines += ["", describe_best(result["best"])]
     return "\n".join(lines) + "\n"
@@ -419,10 +449,11 @@ def write_reports(result: dict, out_dir) -> Tuple[Path, Path]:
 
 
 def _int_list(text: str) -> Tuple[int, ...]:
+    """Draft lengths: integers, and `auto` for the adaptive controller."""
     try:
-        return tuple(int(x) for x in text.split(","))
+        return tuple(x if x == AUTO else int(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers or auto, such as 1,2,4,auto, got {text!r}")
 
 
 def _float_list(text: str) -> Tuple[float, ...]:
@@ -443,7 +474,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "one; in a .jsonl file each line is a JSON string; unset: the default model's "
                              f"held-out code prompts, else {len(DEFAULT_PROMPTS)} built-in prompts")
     parser.add_argument("--ks", type=_int_list, default=",".join(map(str, DEFAULT_KS)),
-                        help="draft lengths to measure, comma-separated")
+                        help="draft lengths to measure, comma-separated; auto: the adaptive k "
+                             "(num_draft_tokens=\"auto\")")
     parser.add_argument("--temps", type=_float_list, default=",".join(map(str, DEFAULT_TEMPS)),
                         help="temperatures to measure, comma-separated; 0 is greedy")
     parser.add_argument("--max-tokens", type=int, default=128,

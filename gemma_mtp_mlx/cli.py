@@ -11,6 +11,7 @@ from typing import Callable, List, Optional
 from mlx_lm.sample_utils import make_logits_processors
 
 from . import bench, chat, convert, distributed, selfcheck, server
+from .adaptive import AUTO
 from .checkpoint import CheckpointError
 from .generate import chat_prompt, stream_generate
 from .loading import load
@@ -25,8 +26,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              "unset: the tiny Python-code pair that ships with the package")
     parser.add_argument("--draft-model", default=None, help="gemma4_assistant drafter: directory or Hub repo id")
     parser.add_argument("--no-draft", action="store_true", help="plain target decoding, for comparison")
-    parser.add_argument("--num-draft-tokens", type=int, default=None,
-                        help="tokens drafted per round; unset: the drafter's num_assistant_tokens, else 4")
+    parser.add_argument("--num-draft-tokens", type=draft_tokens, default=None,
+                        help="tokens drafted per round, or auto: chosen each round from the acceptance and "
+                             "round times measured so far (0 = plain decoding when drafting loses); "
+                             "unset: the drafter's num_assistant_tokens, else 4")
     parser.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate per reply")
     parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 disables")
@@ -37,6 +40,15 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="how the drafter proposes tokens when sampling (temp > 0)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     parser.add_argument("--system", default=None, help="a system message for the chat template")
+
+
+def draft_tokens(text: str):
+    if text == AUTO:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or {AUTO}, got {text!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,16 +114,16 @@ def generation_options(args) -> dict:
 
 
 def format_rounds(rounds_log: List[dict], tokenizer) -> str:
-    """One line per round: accepted drafts in [brackets], rejected ones ~struck~, and the
-    target's own token after `->`."""
+    """One line per round: its k (chosen per round with `auto`), accepted/drafted, accepted
+    drafts in [brackets], rejected ones ~struck~, and the target's own token after `->`."""
     lines = []
     for r in rounds_log:
         shown = [f"[{tokenizer.decode([t])!r}]" for t in r["drafted"][: r["accepted"]]]
         shown += [f"~{tokenizer.decode([t])!r}~" for t in r["drafted"][r["accepted"]:]]
         own = r["emitted"][r["accepted"]:]
         target = f" -> {tokenizer.decode(own)!r}" if own else ""
-        label = "prefill" if r["prefill"] else f"{r['accepted']}/{len(r['drafted'])}"
-        lines.append(f"@{r['position']:>5} {label:>7} {' '.join(shown)}{target}")
+        label = "prefill" if r["prefill"] else f"k={r['k']} {r['accepted']}/{len(r['drafted'])}"
+        lines.append(f"@{r['position']:>5} {label:>9} {' '.join(shown)}{target}")
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .adaptive import AUTO, AUTO_MAX_DRAFT_TOKENS, DraftLengthController
 from .cache import SlidingKVCache, rollback_cache, rollback_needed
 from .drafter import Drafter, check_pair
 from .loading import as_target
@@ -36,9 +37,10 @@ class GenerationResponse:
     stats: Optional[SpeculativeStats] = None  # on the last response
 
 
-def make_prompt_cache(model, num_draft_tokens: int = 16) -> List:
-    """A cache to carry across calls (chat turns); rolls back up to `num_draft_tokens`."""
-    return as_target(model).make_cache(num_draft_tokens)
+def make_prompt_cache(model, num_draft_tokens: Union[int, str] = 16) -> List:
+    """A cache to carry across calls (chat turns); rolls back up to `num_draft_tokens`
+    ("auto": the most that `num_draft_tokens="auto"` drafts)."""
+    return as_target(model).make_cache(AUTO_MAX_DRAFT_TOKENS if num_draft_tokens == AUTO else num_draft_tokens)
 
 
 def chat_prompt(tokenizer, text: str, system: Optional[str] = None) -> Union[str, List[int]]:
@@ -65,17 +67,44 @@ def encode_prompt(tokenizer: TokenizerWrapper, prompt: Union[str, List[int], mx.
     return prompt
 
 
-def draft_length(model, draft_model, num_draft_tokens: Optional[int]) -> int:
-    """The draft length k of every round: `num_draft_tokens`, else the drafter's default;
-    0 without a drafter."""
+def draft_length(model, draft_model, num_draft_tokens) -> Union[int, str, DraftLengthController]:
+    """The draft length k of every round (`num_draft_tokens`, else the drafter's default),
+    or "auto" / a controller that picks each round's k; 0 without a drafter."""
     if draft_model is None:
         return 0
     if isinstance(draft_model, Drafter):  # test doubles only need a `draft` method
         check_pair(as_target(model), draft_model)
     k = draft_model.default_num_draft_tokens if num_draft_tokens is None else num_draft_tokens
-    if k < 1:
-        raise ValueError(f"num_draft_tokens must be at least 1, got {k}")
+    if k == AUTO or isinstance(k, DraftLengthController):
+        return k
+    if isinstance(k, str) or k < 1:
+        raise ValueError(f"num_draft_tokens must be at least 1 (or {AUTO!r}), got {k!r}")
     return k
+
+
+def _widest(k: Union[int, str, DraftLengthController]) -> int:
+    """The most drafts a round may use."""
+    if isinstance(k, DraftLengthController):
+        return k.max_k
+    return AUTO_MAX_DRAFT_TOKENS if k == AUTO else k
+
+
+def _room(cache: List) -> Optional[int]:
+    """The most draft tokens a round may use with `cache` (None: no limit)."""
+    reserved = min((c.rollback for c in cache if isinstance(c, SlidingKVCache)), default=None)
+    return None if reserved is None else reserved // 2 - 1  # inverse of rollback_needed
+
+
+def _controller(target, drafter, sampling: Sampling, cache: List) -> DraftLengthController:
+    """The `auto` controller of this pair and kind of sampling, kept on the drafter so that
+    what it measured carries over to the next call; its widest round fits `cache`."""
+    room = _room(cache)
+    max_k = AUTO_MAX_DRAFT_TOKENS if room is None else max(0, min(AUTO_MAX_DRAFT_TOKENS, room))
+    controllers = vars(drafter).setdefault("_auto_draft_length", {})
+    key = (id(target.model), sampling.exact_distribution, sampling.draft_mode, max_k)
+    if key not in controllers:
+        controllers[key] = DraftLengthController(max_k)
+    return controllers[key]
 
 
 def _check_rollback_room(cache: List, k: int) -> None:
@@ -84,8 +113,8 @@ def _check_rollback_room(cache: List, k: int) -> None:
             "prompt_cache must come from gemma_mtp_mlx.make_prompt_cache "
             "(mlx-lm's rotating cache cannot roll back rejected drafts)"
         )
-    reserved = min((c.rollback for c in cache if isinstance(c, SlidingKVCache)), default=None)
-    if reserved is not None and reserved < rollback_needed(k):
+    room = _room(cache)
+    if room is not None and room < k:
         raise ValueError(
             f"prompt_cache was made for fewer draft tokens than {k}: "
             f"make it with make_prompt_cache(model, num_draft_tokens={k})"
@@ -99,7 +128,7 @@ def stream_generate(
     *,
     draft_model: Optional[Drafter] = None,
     max_tokens: int = 256,
-    num_draft_tokens: Optional[int] = None,
+    num_draft_tokens: Union[int, str, DraftLengthController, None] = None,
     prompt_cache: Optional[List] = None,
     prefill_step_size: int = 512,
     record_rounds: bool = False,
@@ -117,6 +146,10 @@ def stream_generate(
 
     With `draft_model` the target verifies the drafter's proposals (output identical to
     the target alone); without it this is plain target decoding through the same loop.
+    `num_draft_tokens`: drafts per round (default: the drafter's own number), or "auto":
+    each round's k (0 = plain decoding) chosen from the acceptance and round times
+    measured so far by a controller kept with the drafter (adaptive.py), or such a
+    `DraftLengthController` of your own.
     `prompt_cache` (from `make_prompt_cache`) keeps K/V across calls: pass only the new
     tokens then (if a call stops before its first token, the cache may hold part of its
     prompt: make a new one). Sampling options are mlx-lm's (`temp=0` is greedy);
@@ -135,10 +168,13 @@ def stream_generate(
     prompt = encode_prompt(tokenizer, prompt)
     if seed is not None:
         mx.random.seed(seed)
-    cache = prompt_cache if prompt_cache is not None else target.make_cache(k)
-    _check_rollback_room(cache, k)
+    cache = prompt_cache if prompt_cache is not None else target.make_cache(_widest(k))
+    if k == AUTO:
+        k = _controller(target, draft_model, sampling, cache)
+    max_k = _widest(k)
+    _check_rollback_room(cache, max_k)
     start_offset = cache[0].offset if cache else 0
-    stats = SpeculativeStats.empty(k, prompt.size, record_rounds)
+    stats = SpeculativeStats.empty(max_k, prompt.size, record_rounds, auto=isinstance(k, DraftLengthController))
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
     eos = set(tokenizer.eos_token_ids)

@@ -5,9 +5,10 @@ One host synchronisation per round. The next round is queued on the device
 detokenising and streaming overlap with the device's work.
 """
 
+import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Generator, List, Tuple
+from typing import Generator, List, Optional, Tuple, Union
 
 import mlx.core as mx
 
@@ -32,6 +33,7 @@ class Round:
     emitted: List[int]  # accepted drafts + one target token
     logprobs: List[float]  # each emitted token's log-probability under the target
     from_prefill: bool = False  # the first token, chosen from the prompt's last logits
+    k: int = 0  # drafts the round was built for (a round cut at a stop drafted fewer)
 
 
 @dataclass
@@ -55,6 +57,7 @@ class PendingRound:
     hiddens: mx.array  # [1, k + 1, hidden]: the target's final-norm state at each input
     draft_logprobs: mx.array  # [k]: each draft's log-probability under the target
     choice_logprobs: mx.array  # [k + 1]: each choice's
+    k: int = 0  # drafts asked for
 
     def arrays(self) -> Tuple[mx.array, ...]:
         return (self.drafts, self.accepted, self.choices, self.hiddens, self.draft_logprobs, self.choice_logprobs)
@@ -65,7 +68,7 @@ class PendingRound:
         drafted = self.drafts.tolist()
         emitted = drafted[:n] + [self.choices.tolist()[n]]
         logprobs = self.draft_logprobs.tolist()[:n] + [self.choice_logprobs.tolist()[n]]
-        return Round(self.position, drafted, n, emitted, logprobs)
+        return Round(self.position, drafted, n, emitted, logprobs, k=self.k)
 
 
 def prefill(target: Target, prompt: mx.array, cache: List, step_size: int = 512):
@@ -86,38 +89,69 @@ def generate_rounds(
     cache: List,
     sampling: Sampling,
     drafter=None,
-    num_draft_tokens: int = 0,
+    num_draft_tokens: Union[int, "DraftLengthController"] = 0,
     prefill_step_size: int = 512,
 ) -> Generator[Round, None, None]:
     """Yield rounds until the caller stops. The first round carries only the token chosen
     from the prompt's last logits.
 
-    After each round the cache holds every verified position before the round's newest
-    token. When the caller stops, the round still in flight is finished, and the cache
-    holds its positions too: the caller rolls it back to what it kept (`rollback_cache`).
+    `num_draft_tokens` is every round's k, or a controller (adaptive.py) asked for each
+    round's k and told each round's outcome and duration; the cache must have rollback
+    room for its largest k. After each round the cache holds every verified position
+    before the round's newest token. When the caller stops, the round still in flight is
+    finished, and the cache holds its positions too: the caller rolls it back to what it
+    kept (`rollback_cache`).
     """
-    k = num_draft_tokens if drafter is not None else 0  # the draft length of every round
+    controller = num_draft_tokens if drafter is not None and not isinstance(num_draft_tokens, int) else None
+    k = num_draft_tokens if drafter is not None and controller is None else 0
     start, first_logprob = first_token(target, prompt, cache, sampling, prefill_step_size)
-    pending = queue_round(target, drafter, cache, sampling, start, k)
+    pending = queue_round(target, drafter, cache, sampling, start, round_length(controller, k))
+    clock = RoundClock(controller)
     try:
         yield Round(start.position - 1, [], 0, start.token.tolist(), first_logprob.tolist(), from_prefill=True)
         while True:
             current, pending = pending, None
-            if not k:
+            if not current.k:
                 # Plain decoding keeps every round's one token, so the next round does not
                 # depend on this one's outcome: queue it before waiting (as mlx-lm does),
                 # and the device never idles while the host builds a graph.
                 start = next_input(sampling, start, current, 0)
-                pending = queue_round(target, drafter, cache, sampling, start, k)
+                pending = queue_round(target, drafter, cache, sampling, start, round_length(controller, k))
             round_ = current.result()
-            if k:
+            clock.observe(round_, queued_behind=pending is not None)
+            if current.k:
                 rollback_cache(cache, round_.position + round_.accepted + 1)  # drop the rejected drafts
                 start = next_input(sampling, start, current, round_.accepted)
-                pending = queue_round(target, drafter, cache, sampling, start, k)
+                pending = queue_round(target, drafter, cache, sampling, start, round_length(controller, k))
             yield round_
     finally:
         if pending is not None:  # the caller stopped: let the round in flight finish
             mx.eval(pending.arrays())
+
+
+def round_length(controller, k: int) -> int:
+    """The next round's k: the controller's choice, else the fixed k."""
+    return controller.choose() if controller is not None else k
+
+
+class RoundClock:
+    """Tells an adaptive controller each round's outcome and how long it took (host time
+    between consecutive round results; no extra synchronisation)."""
+
+    def __init__(self, controller):
+        self.controller = controller
+        self.finished: Optional[float] = None  # when the last round's outcome reached the host
+        self.overlapped = False  # the round now in flight was queued before the last one finished
+
+    def observe(self, round_: Round, queued_behind: bool) -> None:
+        if self.controller is None:
+            return
+        now = time.perf_counter()
+        # A drafting round queued behind a plain one ran partly before `finished`: its time
+        # is unknown. Back-to-back plain rounds share it out on average.
+        timed = self.finished is not None and not (round_.k and self.overlapped)
+        self.controller.observe(round_.k, round_.accepted, now - self.finished if timed else None)
+        self.finished, self.overlapped = now, queued_behind
 
 
 def first_token(target: Target, prompt: mx.array, cache: List, sampling: Sampling, step_size: int):
@@ -143,7 +177,7 @@ def queue_round(target: Target, drafter, cache: List, sampling: Sampling, start:
         logprobs = sampling.process(start.history, inputs, logits[0])  # [k + 1, vocab]
         accepted, choices = sampling.accept(drafts, draft_logq, logprobs)
         pending = PendingRound(start.position, drafts, accepted, choices, hiddens,
-                               token_logprobs(logprobs[:k], drafts), token_logprobs(logprobs, choices))
+                               token_logprobs(logprobs[:k], drafts), token_logprobs(logprobs, choices), k)
         mx.async_eval(pending.arrays())
     return pending
 

@@ -15,7 +15,8 @@ class SpeculativeStats:
     `rejection_rate`, `fallback_rate`), so statistics of several runs `merge` exactly.
     """
 
-    num_draft_tokens: int = 0
+    num_draft_tokens: int = 0  # k; with `auto`, the most a round may draft
+    auto: bool = False  # k chosen per round (num_draft_tokens="auto")
     rounds: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
@@ -28,13 +29,16 @@ class SpeculativeStats:
     generation_tps: float = 0.0
     peak_memory: float = 0.0  # GB, as in mlx-lm's GenerationResponse
     rounds_log: Optional[List[dict]] = None
+    rounds_by_k: List[int] = field(default_factory=list)  # rounds that drafted k tokens, k = 0..
 
     @classmethod
-    def empty(cls, num_draft_tokens: int, prompt_tokens: int = 0, record_rounds: bool = False):
+    def empty(cls, num_draft_tokens: int, prompt_tokens: int = 0, record_rounds: bool = False,
+              auto: bool = False):
         """Statistics of a run that has not produced a round yet."""
         k = num_draft_tokens
-        return cls(num_draft_tokens=k, accepted_by_position=[0] * k, drafted_by_position=[0] * k,
-                   prompt_tokens=prompt_tokens, rounds_log=[] if record_rounds else None)
+        return cls(num_draft_tokens=k, auto=auto, accepted_by_position=[0] * k, drafted_by_position=[0] * k,
+                   prompt_tokens=prompt_tokens, rounds_log=[] if record_rounds else None,
+                   rounds_by_k=[0] * (k + 1))
 
     @property
     def mean_accepted_length(self) -> float:
@@ -58,12 +62,14 @@ class SpeculativeStats:
     def record(self, round_: Round) -> None:
         if self.rounds_log is not None:
             self.rounds_log.append(
-                dict(position=round_.position, drafted=round_.drafted, accepted=round_.accepted,
+                dict(position=round_.position, k=round_.k, drafted=round_.drafted, accepted=round_.accepted,
                      emitted=round_.emitted, prefill=round_.from_prefill)
             )
         if round_.from_prefill:
             return
         self.rounds += 1
+        if round_.k < len(self.rounds_by_k):
+            self.rounds_by_k[round_.k] += 1
         self.drafted_tokens += len(round_.drafted)
         self.accepted_tokens += round_.accepted
         self.fallback_rounds += bool(round_.drafted) and round_.accepted == 0
@@ -102,6 +108,8 @@ class SpeculativeStats:
                                         other.generation_tokens, other.generation_tps),
             peak_memory=max(self.peak_memory, other.peak_memory),
             rounds_log=logs,
+            auto=self.auto or other.auto,
+            rounds_by_k=_summed(self.rounds_by_k, other.rounds_by_k),
         )
 
     def to_dict(self) -> dict:
@@ -112,13 +120,21 @@ class SpeculativeStats:
             d[name] = getattr(self, name)
         return d
 
+    @property
+    def draft_length(self) -> str:
+        """k as people read it: the fixed k, or auto with how many rounds drafted each k."""
+        if not self.auto:
+            return str(self.num_draft_tokens)
+        used = " ".join(f"{k}:{n}" for k, n in enumerate(self.rounds_by_k) if n)
+        return f"auto (up to {self.num_draft_tokens}; rounds by k {used or '-'})"
+
     def summary(self) -> str:
         """The statistics as a few lines of text, for people."""
         by_position = " ".join(f"{a:.2f}" for a in self.acceptance_by_position) or "-"
         return (
             f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tokens/s\n"
             f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tokens/s\n"
-            f"speculation: k={self.num_draft_tokens}, {self.rounds} rounds, "
+            f"speculation: k={self.draft_length}, {self.rounds} rounds, "
             f"mean accepted length {self.mean_accepted_length:.2f}, "
             f"acceptance by position [{by_position}], "
             f"rejection rate {self.rejection_rate:.2f}, fallback rate {self.fallback_rate:.2f}\n"
