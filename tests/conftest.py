@@ -3,6 +3,8 @@ cached by hf_reference.cached_fixture_dir), loaded once per session, and what ma
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections import namedtuple
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,6 +52,23 @@ def pairs(fixture_dir: Path) -> dict[str, tuple[Path, Path]]:
     return {
         name: (fixture_dir / target, fixture_dir / assistant) for name, (target, assistant) in PAIRS.items()
     }
+
+
+@pytest.fixture(scope="session")
+def narrow_assistant(fixture_dir, tmp_path_factory) -> Path:
+    """assistant_dense cut down to a 32-wide backbone: a drafter that fits no fixture target
+    (every fixture drafter fits every fixture target)."""
+    out = tmp_path_factory.mktemp("narrow") / "assistant"
+    shutil.copytree(fixture_dir / "assistant_dense", out)
+    config = json.loads((out / "config.json").read_text())
+    config["backbone_hidden_size"] = 32
+    (out / "config.json").write_text(json.dumps(config))
+    weights = mx.load(str(out / "model.safetensors"))
+    pre = weights["pre_projection.weight"]  # [hidden, 2 * backbone]: embedding, then hidden state
+    weights["pre_projection.weight"] = mx.concatenate([pre[:, :32], pre[:, 64:96]], axis=1)
+    weights["post_projection.weight"] = weights["post_projection.weight"][:32]  # [backbone, hidden]
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
+    return out
 
 
 # The fixture checkpoints loaded once per session, in MLX and in transformers.

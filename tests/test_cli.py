@@ -79,11 +79,10 @@ def test_bad_option_values_exit_nonzero_with_one_line(pairs, extra, message):
     assert "Traceback" not in run.stderr
 
 
-def test_missing_model_and_mismatched_pair_exit_nonzero_with_one_line(pairs, tmp_path):
+def test_missing_model_and_mismatched_pair_exit_nonzero_with_one_line(pairs, narrow_assistant, tmp_path):
     missing = cli("generate", "--model", tmp_path / "nope", "--prompt", "hi")
     e2b_target, _ = pairs["e2b"]
-    _, dense_drafter = pairs["dense"]
-    mismatched = cli("generate", "--model", e2b_target, "--draft-model", dense_drafter, "--prompt", "hi")
+    mismatched = cli("generate", "--model", e2b_target, "--draft-model", narrow_assistant, "--prompt", "hi")
     for run, message in ((missing, "does not exist"), (mismatched, "drafter expects")):
         assert run.returncode != 0
         assert run.stderr.strip().count("\n") == 0 and message in run.stderr

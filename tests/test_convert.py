@@ -337,16 +337,10 @@ def test_bad_source_is_a_clear_error_leaving_nothing_behind(case, pairs, tmp_pat
     assert list(out.parent.iterdir()) == []
 
 
-def test_drafter_for_another_target_is_refused(pairs, tmp_path, monkeypatch):
-    def drafter_with_other_head_dim(path):  # every fixture drafter fits every fixture target
-        drafter = load_drafter(path)
-        drafter.args.text.head_dim = 8
-        return drafter
-
-    monkeypatch.setattr(convert_module, "load_drafter", drafter_with_other_head_dim)
-    before = {p: tree_hash(p) for p in (pairs["e2b"][0], pairs["dense"][1])}
-    with pytest.raises(CheckpointError, match="drafter expects sliding head_dim 8, the target has 16"):
-        convert_pair(str(pairs["e2b"][0]), str(pairs["dense"][1]), tmp_path / "out")
+def test_drafter_for_another_target_is_refused(pairs, narrow_assistant, tmp_path):
+    before = {p: tree_hash(p) for p in (pairs["e2b"][0], narrow_assistant)}
+    with pytest.raises(CheckpointError, match="drafter expects backbone_hidden_size 32, the target has 64"):
+        convert_pair(str(pairs["e2b"][0]), str(narrow_assistant), tmp_path / "out")
     assert {p: tree_hash(p) for p in before} == before
     assert list(tmp_path.iterdir()) == []
 
@@ -370,13 +364,13 @@ def test_existing_output_is_refused_without_overwrite_and_replaced_with_it(pairs
     assert (empty / "config.json").is_file()
 
 
-def test_failed_overwrite_keeps_the_old_output(pairs, tmp_path):
+def test_failed_overwrite_keeps_the_old_output(pairs, narrow_assistant, tmp_path):
     target, _ = pairs["e2b"]
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(CheckpointError):
-        convert_pair(str(target), str(pairs["dense"][1]), out, overwrite=True)  # mismatched drafter
+        convert_pair(str(target), str(narrow_assistant), out, overwrite=True)  # mismatched drafter
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "notes.txt").read_text() == "mine"
 
 
