@@ -150,6 +150,12 @@ def rollback_needed(num_draft_tokens: int) -> int:
     return 2 * (num_draft_tokens + 1)
 
 
+def num_kv_layers(args) -> int:
+    """Layers of a `gemma4_text` model that compute K/V (the last `num_kv_shared_layers`
+    reuse earlier layers'): one cache each."""
+    return args.num_hidden_layers - args.num_kv_shared_layers
+
+
 def make_target_cache(args, max_draft: int) -> List:
     """One cache per K/V-computing layer of a mlx-lm `gemma4_text` model.
 
@@ -157,13 +163,12 @@ def make_target_cache(args, max_draft: int) -> List:
     may roll back after one write (a verify pass of `max_draft + 1` tokens, plus the
     tokens emitted past a stop).
     """
-    num_kv_layers = args.num_hidden_layers - args.num_kv_shared_layers
     rollback = rollback_needed(max_draft)
     return [
         SlidingKVCache(args.sliding_window, rollback)
         if args.layer_types[i] == "sliding_attention"
         else KVCache()
-        for i in range(num_kv_layers)
+        for i in range(num_kv_layers(args))
     ]
 
 

@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mlx_lm.models.gemma4_text import logit_softcap
 from mlx_lm.utils import load_model, load_tokenizer
 
-from .cache import SharedKV, SlidingKVCache, make_target_cache
+from .cache import SharedKV, SlidingKVCache, make_target_cache, num_kv_layers
 from .checkpoint import check_model_type, mlx_lm_text_config, read_config
 
 
@@ -25,9 +25,8 @@ class Target:
         self.lm = getattr(model, "language_model", model)  # gemma4_text.Model
         self.args = self.lm.args
         self.backbone = self.lm.model  # gemma4_text.Gemma4TextModel
-        num_kv_layers = self.args.num_hidden_layers - self.args.num_kv_shared_layers
         # The producer of each attention type: the last layer of that type computing K/V.
-        self.producers = {self.args.layer_types[i]: i for i in range(num_kv_layers)}
+        self.producers = {self.args.layer_types[i]: i for i in range(num_kv_layers(self.args))}
 
     @property
     def hidden_size(self) -> int:

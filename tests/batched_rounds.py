@@ -12,10 +12,12 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
+from gemma_mtp_mlx.cache import num_kv_layers
+
 
 def full_length_cache(target):
     """Plain mlx-lm caches, one per K/V-computing layer, that keep every position."""
-    return [KVCache() for _ in range(target.args.num_hidden_layers - target.args.num_kv_shared_layers)]
+    return [KVCache() for _ in range(num_kv_layers(target.args))]
 
 
 class PromptState:

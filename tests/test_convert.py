@@ -19,6 +19,7 @@ from conftest import WINDOW, prompt_of
 from gemma_mtp_mlx import load, load_drafter, stream_generate
 from gemma_mtp_mlx import convert as convert_module
 from gemma_mtp_mlx.checkpoint import CheckpointError
+from gemma_mtp_mlx.cli import HELP_FORMAT
 from gemma_mtp_mlx.convert import add_arguments, convert_pair, run
 
 
@@ -257,7 +258,7 @@ def test_report_gives_size_and_peak_memory_within_bounds(pairs, converted):
 
 
 def test_cli_run_prints_size_and_peak_memory(pairs, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(formatter_class=HELP_FORMAT)  # as `gemma-mtp convert` builds it
     add_arguments(parser)
     help_text = " ".join(parser.format_help().split())
     for shown in ("default: bfloat16", "default: 4", "default: 64", "default: same"):
