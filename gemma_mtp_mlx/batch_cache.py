@@ -18,6 +18,8 @@ from typing import List, Optional, Sequence
 
 import mlx.core as mx
 
+from .cache import num_kv_layers
+
 
 class RaggedKVCache:
     """K/V of one attention layer for B rows of different lengths: [B, kv_heads, slots, D]."""
@@ -186,8 +188,7 @@ class RaggedKVCache:
 
 def make_batch_cache(args, rows: int = 1) -> List[RaggedKVCache]:
     """One ragged cache per K/V-computing layer of a mlx-lm `gemma4_text` model."""
-    num_kv_layers = args.num_hidden_layers - args.num_kv_shared_layers
     return [
         RaggedKVCache(args.sliding_window if args.layer_types[i] == "sliding_attention" else None, rows)
-        for i in range(num_kv_layers)
+        for i in range(num_kv_layers(args))
     ]
