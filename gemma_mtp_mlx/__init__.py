@@ -1,26 +1,51 @@
-"""Gemma 4 with its Multi-Token-Prediction drafter on MLX: faster, and exactly the target's output."""
+"""Gemma 4 with its Multi-Token-Prediction drafter on MLX: faster, and exactly the target's output.
 
-from .drafter import Drafter, load_drafter
-from .generate import (
-    GenerationResponse,
-    SpeculativeStats,
-    generate,
-    load,
-    make_prompt_cache,
-    stream_generate,
-)
-from .target import Target
+The names below are imported on first use, so `import gemma_mtp_mlx` (and the command
+line's start-up) does not wait for MLX, mlx-lm and transformers until they are needed.
+"""
+
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Drafter",
-    "GenerationResponse",
-    "SpeculativeStats",
-    "Target",
-    "generate",
-    "load",
-    "load_drafter",
-    "make_prompt_cache",
-    "stream_generate",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "Drafter": "drafter",
+    "load_drafter": "drafter",
+    "GenerationResponse": "generate",
+    "SpeculativeStats": "generate",
+    "generate": "generate",
+    "load": "generate",
+    "make_prompt_cache": "generate",
+    "stream_generate": "generate",
+    "Target": "target",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule `generate` sets it as an attribute of the package; keep the
+    function of that name there instead, as an eager `from .generate import generate` did."""
+
+    def __setattr__(self, name, value):
+        if name == "generate" and isinstance(value, types.ModuleType):
+            value = value.generate
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
