@@ -349,6 +349,7 @@ def test_random_prompts_and_options_give_a_clear_error_or_correct_output(short_c
 
 CLI_VALUES = ["nan", "inf", "-inf", "-1", "0", "1", "3", "0.5", "1e999", "1000", "", "abc", "2.5",
               b"\xff\xfe".decode("utf-8", "surrogateescape")]
+NOT_FINITE = ("nan", "inf", "-inf", "1e999")
 CLI_OPTIONS = ["--max-tokens", "--num-draft-tokens", "--temp", "--top-p", "--top-k", "--min-p",
                "--repetition-penalty", "--seed", "--draft-mode", "--system", "--prompt"]
 
@@ -361,9 +362,12 @@ def test_random_cli_arguments_and_stdin_bytes_never_give_a_traceback(pairs, monk
     target, drafter = pairs["e2b"]
     rng = np.random.default_rng(13)
     codes = set()
-    for case in range(24):
+    surely_bad = [["--temp=nan", "--prompt=hi"], ["--repetition-penalty=inf", "--prompt=hi"], [f"--prompt={CLI_VALUES[-1]}"], [f"--system={CLI_VALUES[-1]}"]]
+    for case in range(30):
         argv = ["generate", "--model", str(target), "--draft-model", str(drafter), "--max-tokens", "3"]
-        for _ in range(int(rng.integers(1, 4))):
+        if case < len(surely_bad):
+            argv += surely_bad[case]
+        for _ in range(0 if case < len(surely_bad) else int(rng.integers(1, 4))):
             argv += [f"{CLI_OPTIONS[int(rng.integers(len(CLI_OPTIONS)))]}={CLI_VALUES[int(rng.integers(len(CLI_VALUES)))]}"]
         if not any(a.startswith("--prompt=") for a in argv):
             argv.append("--prompt=-")
@@ -379,5 +383,9 @@ def test_random_cli_arguments_and_stdin_bytes_never_give_a_traceback(pairs, monk
         assert "Traceback" not in err, described
         if code == 1:
             assert err.startswith("gemma-mtp: error: ") and err.strip().count("\n") == 0, described
+        if code == 0:  # then every value was usable: finite numbers, decodable text
+            numbers = [a.partition("=")[2] for a in argv if a.partition("=")[0] in CLI_OPTIONS[:8]]
+            assert not any(v in NOT_FINITE for v in numbers) and not any("\udcff" in a for a in argv), described
+            assert "--prompt=-" not in argv or stdin.decode("utf-8", "replace") == stdin.decode("utf-8", "ignore")
         codes.add(code)
     assert codes >= {0, 1, 2}, codes
