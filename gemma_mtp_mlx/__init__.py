@@ -1,27 +1,56 @@
-"""Gemma 4 with its Multi-Token-Prediction drafter on MLX: faster, and exactly the target's output."""
+"""Gemma 4 with its Multi-Token-Prediction drafter on MLX: faster, and exactly the target's output.
 
-from .adaptive import DraftLengthController
-from .batch import BatchEngine, BatchResponse, RowEvent, batch_generate
-from .drafter import Drafter, load_drafter
-from .generate import GenerationResponse, SpeculativeStats, generate, make_prompt_cache, stream_generate
-from .loading import load
-from .target import Target
+The names below are imported on first use, so `import gemma_mtp_mlx` (and the command
+line's start-up) does not wait for MLX, mlx-lm and transformers until they are needed.
+"""
+
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BatchEngine",
-    "BatchResponse",
-    "RowEvent",
-    "batch_generate",
-    "DraftLengthController",
-    "Drafter",
-    "GenerationResponse",
-    "SpeculativeStats",
-    "Target",
-    "generate",
-    "load",
-    "load_drafter",
-    "make_prompt_cache",
-    "stream_generate",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "BatchEngine": "batch",
+    "BatchResponse": "batch",
+    "RowEvent": "batch",
+    "batch_generate": "batch",
+    "DraftLengthController": "adaptive",
+    "Drafter": "drafter",
+    "load_drafter": "drafter",
+    "GenerationResponse": "generate",
+    "SpeculativeStats": "stats",
+    "generate": "generate",
+    "load": "loading",
+    "make_prompt_cache": "generate",
+    "stream_generate": "generate",
+    "Target": "target",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule `generate` sets it as an attribute of the package; keep the
+    function of that name there instead, as an eager `from .generate import generate` did."""
+
+    def __setattr__(self, name, value):
+        if name == "generate" and isinstance(value, types.ModuleType):
+            value = value.generate
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -130,10 +130,31 @@ def load_safetensors(path: Path) -> Dict[str, mx.array]:
         try:
             weights.update(mx.load(f))
         except Exception as e:
-            raise CheckpointError(
-                f"{f} could not be read ({e}); the file may be truncated: download or convert it again"
-            ) from e
+            raise unreadable_weights(f, e) from e
     return weights
+
+
+def unreadable_weights(file, error: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{file} could not be read ({error}); the file may be truncated: download or convert it again"
+    )
+
+
+def weights_load_error(path: Path, pattern: str, error: Exception) -> CheckpointError:
+    """The clear error for a failed load of the weights `path/pattern`: the first file that
+    cannot be read in full, else what the loader said."""
+    files = sorted(glob.glob(str(path / pattern)))
+    if not files:
+        return CheckpointError(f"{path} has no {pattern} weight files")
+    for f in files:
+        try:
+            mx.eval(list(mx.load(f).values()))
+        except Exception as e:
+            return unreadable_weights(f, e)
+    return CheckpointError(
+        f"{path}: the weights could not be loaded ({type(error).__name__}: {error}); "
+        "check that they match its config.json, or download or convert it again"
+    )
 
 
 def kv_heads(text_config, layer_type: str) -> int:

@@ -16,6 +16,7 @@ from .checkpoint import CheckpointError
 from .generate import chat_prompt, stream_generate
 from .loading import load
 from .sampling import DRAFT_MODES
+from .validate import check_penalties, check_text, decode_text
 
 HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter  # every command's --help shows the defaults
 
@@ -98,8 +99,7 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
 
 def generation_options(args) -> dict:
     """`stream_generate`'s keyword arguments from the shared model options."""
-    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
-        raise ValueError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    check_penalties(repetition_penalty=args.repetition_penalty)
     return dict(
         max_tokens=args.max_tokens,
         num_draft_tokens=args.num_draft_tokens,
@@ -128,7 +128,9 @@ def format_rounds(rounds_log: List[dict], tokenizer) -> str:
 
 
 def run_generate(args) -> None:
-    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    text = decode_text(sys.stdin.buffer.read()) if args.prompt == "-" else check_text(args.prompt)
+    if args.system is not None:
+        check_text(args.system, "--system")
     model, tokenizer, drafter = load_pair(args)
     prompt = text if args.no_chat_template else chat_prompt(tokenizer, text, args.system)
     pieces, tokens, last = [], [], None
@@ -190,6 +192,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # a bug: still one line, unless --debug
+        if args.debug:
+            raise
+        print(f"gemma-mtp: error: unexpected {type(e).__name__}: {e} "
+              "(run again with --debug for the traceback, and report it)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import shutil
 import signal
 import sys
@@ -370,6 +371,7 @@ def _make_staging_dir(out: Path) -> Path:
 
 def _move_into_place(staging: Path, out: Path) -> None:
     """Rename the finished staging directory to `out`; an old `out` is removed only after."""
+    staging.chmod(0o777 & ~_umask())  # mkdtemp made it private; `out` gets the usual mode
     if not out.exists():
         staging.rename(out)
         return
@@ -381,6 +383,12 @@ def _move_into_place(staging: Path, out: Path) -> None:
         old.rename(out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    umask = os.umask(0o022)  # reading the umask means setting it: put it back at once
+    os.umask(umask)
+    return umask
 
 
 def _start_peak_memory() -> int:

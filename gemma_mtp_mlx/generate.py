@@ -10,11 +10,14 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .adaptive import AUTO, AUTO_MAX_DRAFT_TOKENS, DraftLengthController
 from .cache import SlidingKVCache, rollback_cache, rollback_needed
+from .cache_lease import Lease
 from .drafter import Drafter, check_pair
 from .loading import as_target
 from .sampling import Sampling
 from .speculative import Round, generate_rounds
 from .stats import SpeculativeStats
+from .validate import (MAX_NUM_DRAFT_TOKENS, InvalidInput, check_int, check_max_tokens, check_num_draft_tokens,
+                       check_prompt, check_token_ids, generation_budget)
 
 
 @dataclass
@@ -37,7 +40,7 @@ class GenerationResponse:
     stats: Optional[SpeculativeStats] = None  # on the last response
 
 
-def make_prompt_cache(model, num_draft_tokens: Union[int, str] = 16) -> List:
+def make_prompt_cache(model, num_draft_tokens: Union[int, str] = MAX_NUM_DRAFT_TOKENS) -> List:
     """A cache to carry across calls (chat turns); rolls back up to `num_draft_tokens`
     ("auto": the most that `num_draft_tokens="auto"` drafts)."""
     return as_target(model).make_cache(AUTO_MAX_DRAFT_TOKENS if num_draft_tokens == AUTO else num_draft_tokens)
@@ -54,17 +57,19 @@ def chat_prompt(tokenizer, text: str, system: Optional[str] = None) -> Union[str
     )
 
 
-def encode_prompt(tokenizer: TokenizerWrapper, prompt: Union[str, List[int], mx.array]) -> mx.array:
-    """Token ids of a prompt; text gets the BOS token unless it starts with one."""
+def encode_prompt(tokenizer: TokenizerWrapper, prompt: Union[str, List[int], mx.array],
+                  vocab_size: Optional[int] = None) -> mx.array:
+    """Token ids of a prompt; text gets the BOS token unless it starts with one. With
+    `vocab_size`, every id must be inside the vocabulary."""
+    prompt = check_prompt(prompt)
     if isinstance(prompt, str):
-        if not prompt:
-            raise ValueError("the prompt is empty: give some text or at least one token")
         bos = tokenizer.bos_token
         prompt = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
-    prompt = mx.array(prompt).reshape(-1)
-    if prompt.size == 0:
-        raise ValueError("the prompt is empty: give some text or at least one token")
-    return prompt
+        if not prompt:
+            raise InvalidInput("the prompt is empty: give some text or at least one token")
+    if vocab_size is not None:
+        check_token_ids(prompt, vocab_size)
+    return mx.array(prompt)
 
 
 def draft_length(model, draft_model, num_draft_tokens) -> Union[int, str, DraftLengthController]:
@@ -74,12 +79,12 @@ def draft_length(model, draft_model, num_draft_tokens) -> Union[int, str, DraftL
         return 0
     if isinstance(draft_model, Drafter):  # test doubles only need a `draft` method
         check_pair(as_target(model), draft_model)
-    k = draft_model.default_num_draft_tokens if num_draft_tokens is None else num_draft_tokens
-    if k == AUTO or isinstance(k, DraftLengthController):
-        return k
-    if isinstance(k, str) or k < 1:
-        raise ValueError(f"num_draft_tokens must be at least 1 (or {AUTO!r}), got {k!r}")
-    return k
+    if num_draft_tokens == AUTO or isinstance(num_draft_tokens, DraftLengthController):
+        return num_draft_tokens
+    if num_draft_tokens is None:
+        return check_num_draft_tokens(draft_model.default_num_draft_tokens,
+                                      "num_draft_tokens (the drafter's num_assistant_tokens)")
+    return check_num_draft_tokens(num_draft_tokens)
 
 
 def _widest(k: Union[int, str, DraftLengthController]) -> int:
@@ -107,12 +112,14 @@ def _controller(target, drafter, sampling: Sampling, cache: List) -> DraftLength
     return controllers[key]
 
 
-def _check_rollback_room(cache: List, k: int) -> None:
-    if not all(isinstance(c, (KVCache, SlidingKVCache)) for c in cache):
-        raise ValueError(
+def _check_rollback_room(target, cache: List, k: int) -> None:
+    if not isinstance(cache, list) or not all(isinstance(c, (KVCache, SlidingKVCache)) for c in cache):
+        raise InvalidInput(
             "prompt_cache must come from gemma_mtp_mlx.make_prompt_cache "
             "(mlx-lm's rotating cache cannot roll back rejected drafts)"
         )
+    if [type(c) for c in cache] != [type(c) for c in target.make_cache(0)]:
+        raise InvalidInput("prompt_cache was made for another model: make it with make_prompt_cache(model)")
     room = _room(cache)
     if room is not None and room < k:
         raise ValueError(
@@ -152,35 +159,40 @@ def stream_generate(
     `DraftLengthController` of your own.
     `prompt_cache` (from `make_prompt_cache`) keeps K/V across calls: pass only the new
     tokens then (if a call stops before its first token, the cache may hold part of its
-    prompt: make a new one). Sampling options are mlx-lm's (`temp=0` is greedy);
-    speculative sampling keeps the target's distribution exactly. `draft_mode` is
-    "sampled" (drafts drawn from the drafter's distribution) or "greedy" (its argmax).
-    `seed` makes a run reproducible.
+    prompt: make a new one). A cache serves one generation at a time (see cache_lease.py).
+    Sampling options are mlx-lm's (`temp=0` is greedy); speculative sampling keeps the
+    target's distribution exactly. `draft_mode` is "sampled" (drafts drawn from the
+    drafter's distribution) or "greedy" (its argmax). `seed` makes a run reproducible,
+    whatever runs beside it. Generation stops with finish_reason "length" at the model's
+    context length. Bad arguments raise `validate.InvalidInput` (a ValueError).
     """
     target = as_target(model)
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
-    if max_tokens <= 0:
-        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    max_tokens = check_max_tokens(max_tokens)
     k = draft_length(target, draft_model, num_draft_tokens)
+    check_int("prefill_step_size", prefill_step_size, 1)
     sampling = Sampling(temp, top_p, top_k, min_p, min_tokens_to_keep, sampler,
-                        list(logits_processors or []), draft_mode)
-    prompt = encode_prompt(tokenizer, prompt)
-    if seed is not None:
-        mx.random.seed(seed)
+                        list(logits_processors or []), draft_mode, seed)
+    prompt = encode_prompt(tokenizer, prompt, target.vocab_size)
+    if seed is not None and sampler is not None:
+        mx.random.seed(seed)  # a custom sampler draws from MLX's global random state
     cache = prompt_cache if prompt_cache is not None else target.make_cache(_widest(k))
     if k == AUTO:
         k = _controller(target, draft_model, sampling, cache)
     max_k = _widest(k)
-    _check_rollback_room(cache, max_k)
-    start_offset = cache[0].offset if cache else 0
-    stats = SpeculativeStats.empty(max_k, prompt.size, record_rounds, auto=isinstance(k, DraftLengthController))
-    detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
-    eos = set(tokenizer.eos_token_ids)
-    rounds = generate_rounds(prompt, target, cache, sampling, draft_model, k, prefill_step_size)
-    tic, n = time.perf_counter(), 0
+    _check_rollback_room(target, cache, max_k)
+    lease = Lease.claim(cache)  # settles what a paused generation on this cache left
+    start_offset = cache[0].offset
+    n, rounds = 0, None
     try:
+        max_tokens = generation_budget(prompt.size, start_offset, max_tokens, target.args.max_position_embeddings)
+        stats = SpeculativeStats.empty(max_k, prompt.size, record_rounds, auto=isinstance(k, DraftLengthController))
+        detokenizer = tokenizer.detokenizer
+        detokenizer.reset()
+        eos = set(tokenizer.eos_token_ids)
+        rounds = lease.rounds = generate_rounds(prompt, target, cache, sampling, draft_model, k, prefill_step_size)
+        tic = time.perf_counter()
         for round_ in rounds:
             if n == 0:
                 stats.prompt_tps = prompt.size / (time.perf_counter() - tic)
@@ -195,19 +207,24 @@ def stream_generate(
                 if finish:
                     detokenizer.finalize()
                     stats.finish(n, time.perf_counter() - tic, mx.get_peak_memory() / 1e9)
+                lease.pause(start_offset + prompt.size + n - 1)
                 yield GenerationResponse(
                     detokenizer.last_segment, token, logprob, from_draft=i < round_.accepted,
                     prompt_tokens=prompt.size, prompt_tps=stats.prompt_tps, generation_tokens=n,
                     generation_tps=n / (time.perf_counter() - tic), peak_memory=mx.get_peak_memory() / 1e9,
                     finish_reason=finish, stats=stats if finish else None,
                 )
+                lease.resume()
                 if finish:
                     return
     finally:
-        rounds.close()
-        # The one rollback when generation stops (the rounds only drop rejected drafts):
-        # keep K/V for every token handed out except the newest, as mlx-lm does.
-        rollback_cache(cache, start_offset + prompt.size + max(n - 1, 0))
+        if lease.owned:  # else a later generation took the cache and settled it
+            if rounds is not None:
+                rounds.close()
+            # The one rollback when generation stops (the rounds only drop rejected drafts):
+            # keep K/V for every token handed out except the newest, as mlx-lm does.
+            rollback_cache(cache, start_offset + prompt.size + max(n - 1, 0))
+            lease.release()
 
 
 def until_stop(round_: Round, eos, budget: int) -> Round:

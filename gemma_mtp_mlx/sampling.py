@@ -14,7 +14,25 @@ from typing import Callable, List, Optional
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
+from .validate import check_sampling, check_seed
+
 DRAFT_MODES = ("greedy", "sampled")
+
+
+class RandomKeys:
+    """One generation's random state: a fresh subkey for every draw, split off a key made
+    from `seed`, so a seeded run draws the same numbers whatever else runs beside it (other
+    generations in this process, other rows of a batch). Without a seed every draw uses
+    MLX's global random state."""
+
+    def __init__(self, seed: Optional[int] = None):
+        self.key = None if seed is None else mx.random.key(seed)
+
+    def next(self) -> Optional[mx.array]:
+        if self.key is None:
+            return None
+        self.key, subkey = mx.random.split(self.key)
+        return subkey
 
 
 @dataclass
@@ -28,19 +46,14 @@ class Sampling:
     logits_processors: List[Callable] = field(default_factory=list)
     draft_mode: str = "sampled"
 
+    seed: Optional[int] = None  # per-generation random state; None: MLX's global state
+    keys: "RandomKeys" = field(init=False, repr=False)
+
     def __post_init__(self):
-        if self.temp < 0:
-            raise ValueError(f"temp must be >= 0 (0 is greedy), got {self.temp}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1] (0 disables it), got {self.min_p}")
-        if self.min_tokens_to_keep < 1:
-            raise ValueError(f"min_tokens_to_keep must be >= 1, got {self.min_tokens_to_keep}")
-        if self.draft_mode not in DRAFT_MODES:
-            raise ValueError(f"draft_mode must be one of {DRAFT_MODES}, got {self.draft_mode!r}")
+        check_sampling(self.temp, self.top_p, self.top_k, self.min_p, self.min_tokens_to_keep,
+                       self.draft_mode, DRAFT_MODES)
+        self.temp, self.top_p, self.min_p = float(self.temp), float(self.top_p), float(self.min_p)
+        self.keys = RandomKeys(check_seed(self.seed))
 
     @property
     def is_greedy(self) -> bool:
@@ -81,12 +94,12 @@ class Sampling:
 
     def sample(self, logprobs: mx.array, key: Optional[mx.array] = None) -> mx.array:
         """One token per row of processed log-probabilities: [N, V] -> [N]. `key`: an MLX
-        random key (default: the global random state)."""
+        random key (default: the next of this generation's keys, from `seed`)."""
         if self.sampler is not None:
             return self.sampler(logprobs)
         if self.is_greedy:
             return mx.argmax(logprobs, axis=-1)
-        return mx.random.categorical(logprobs, key=key)
+        return mx.random.categorical(logprobs, key=self.keys.next() if key is None else key)
 
     def accept(self, drafts: mx.array, draft_logprobs: Optional[mx.array], logprobs: mx.array,
                key: Optional[mx.array] = None):
@@ -114,7 +127,7 @@ class Sampling:
             q = mx.exp(draft_logprobs)
         p_draft = mx.take_along_axis(p[..., :k, :], drafts[..., None], axis=-1)[..., 0]
         q_draft = mx.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
-        uniform_key, residual_key = mx.random.split(key) if key is not None else (None, None)
+        uniform_key, residual_key = mx.random.split(key) if key is not None else (self.keys.next(), self.keys.next())
         accepted_each = mx.random.uniform(shape=drafts.shape, key=uniform_key) * q_draft < p_draft
         accepted = mx.cumprod(accepted_each.astype(mx.int32), axis=-1).sum(-1)
         residual = mx.maximum(p[..., :k, :] - q, 0)

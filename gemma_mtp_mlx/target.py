@@ -16,7 +16,7 @@ from mlx_lm.models.gemma4_text import logit_softcap
 from mlx_lm.utils import load_model, load_tokenizer
 
 from .cache import SharedKV, SlidingKVCache, make_target_cache, num_kv_layers
-from .checkpoint import check_model_type, mlx_lm_text_config, read_config
+from .checkpoint import CheckpointError, check_model_type, mlx_lm_text_config, read_config, weights_load_error
 
 
 class Target:
@@ -79,9 +79,29 @@ def load_target(path: Path, lazy: bool = False):
     """Load a Gemma 4 target and its tokenizer from a local checkpoint directory."""
     config = read_config(path)
     check_model_type(path, config, "target")
-    model, config = load_model(path, lazy=lazy, model_config=mlx_lm_config(config))
-    tokenizer = load_tokenizer(path, eos_token_ids=_eos_ids(config))
-    return Target(model), tokenizer
+    try:
+        model, config = load_model(path, lazy=lazy, model_config=mlx_lm_config(config))
+    except Exception as e:  # unreadable, truncated or mismatched weight files
+        raise weights_load_error(path, "model*.safetensors", e) from e
+    return Target(model), _load_tokenizer(path, config)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def _load_tokenizer(path: Path, config: Dict):
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{path} has no tokenizer files ({' or '.join(TOKENIZER_FILES)}): "
+            "copy them from the original checkpoint"
+        )
+    try:
+        return load_tokenizer(path, eos_token_ids=_eos_ids(config))
+    except Exception as e:
+        raise CheckpointError(
+            f"the tokenizer files in {path} could not be read ({type(e).__name__}: {e}); "
+            "copy them again from the original checkpoint"
+        ) from e
 
 
 def mlx_lm_config(config: Dict) -> Dict:

@@ -22,7 +22,7 @@ import time
 
 from gemma_mtp_mlx import load, stream_generate
 from gemma_mtp_mlx.bench import blas_info, read_prompts
-from gemma_mtp_mlx.generate import DEFAULT_PROMPTS_FILE
+from gemma_mtp_mlx.loading import DEFAULT_PROMPTS_FILE
 
 
 def run(model, tokenizer, drafter, prompt, k, max_tokens):

@@ -23,7 +23,8 @@ from mlx_lm.sample_utils import make_logits_processors
 
 from gemma_mtp_mlx import generate, load
 from gemma_mtp_mlx.cli import main
-from gemma_mtp_mlx.generate import DEFAULT_PROMPTS_FILE, chat_prompt
+from gemma_mtp_mlx.generate import chat_prompt
+from gemma_mtp_mlx.loading import DEFAULT_PROMPTS_FILE
 
 STARTUP_SECONDS = 180
 

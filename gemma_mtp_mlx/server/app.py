@@ -14,7 +14,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from mlx_lm.sample_utils import make_logits_processors
 from starlette.exceptions import HTTPException
 
-from ..generate import DEFAULT_MODEL, encode_prompt, load
+from ..generate import encode_prompt
+from ..loading import DEFAULT_MODEL, load
 from .prompt_cache import PromptCache
 from .protocol import ChatRequest, CompletionRequest, GenerationFields, error_body, new_id, now
 from .serial import MAX_DRAFT_TOKENS, SerialEngine
