@@ -11,7 +11,7 @@ from typing import List, Optional
 
 from mlx_lm.sample_utils import make_logits_processors
 
-from . import bench, convert
+from . import bench, convert, train_drafter
 from .checkpoint import CheckpointError
 from .generate import chat_prompt, load, make_prompt_cache, stream_generate
 from .sampling import DRAFT_MODES
@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     measure = commands.add_parser("bench", help="measure speculative vs plain decoding on this machine")
     bench.add_arguments(measure)
     measure.set_defaults(run=bench.run)
+
+    train = commands.add_parser("train-drafter", help="train the MTP drafter for a (fine-tuned) target, on MLX",
+                                formatter_class=HELP_FORMAT)
+    train_drafter.add_arguments(train)
+    train.set_defaults(run=train_drafter.run)
     return parser
 
 
