@@ -308,12 +308,12 @@ def fresh_drafter(target: Target, config: Dict, seed: int) -> Drafter:
     when the widths match; a centroid head groups tokens by balanced k-means of the target's
     embeddings."""
     drafter = Drafter(DrafterArgs.from_config(config))
-    key = mx.random.key(seed)
     params = tree_flatten(drafter.parameters())
+    keys = mx.random.split(mx.random.key(seed), len(params))
     new = []
-    for i, (name, value) in enumerate(params):
+    for key, (name, value) in zip(keys, params):
         if value.ndim >= 2:
-            new.append((name, INIT_STD * mx.random.normal(value.shape, key=mx.random.fold_in(key, i))))
+            new.append((name, INIT_STD * mx.random.normal(value.shape, key=key)))
     drafter.load_weights(new, strict=False)
     embedding = target.backbone.embed_tokens
     if not isinstance(embedding, nn.QuantizedEmbedding):
