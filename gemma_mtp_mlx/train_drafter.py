@@ -262,6 +262,9 @@ def fresh_drafter_config(target: Target, s: Settings) -> Dict:
     )
     if s.num_centroids and t.vocab_size % s.num_centroids:
         raise ValueError(f"--num-centroids {s.num_centroids} does not divide the vocabulary ({t.vocab_size})")
+    if s.num_centroids * t.vocab_size > MAX_KMEANS_PAIRS:
+        raise ValueError(f"a fresh centroid head over {t.vocab_size} tokens x {s.num_centroids} centroids is "
+                         "too large for the k-means here: start from the published assistant (--draft-model)")
     return dict(
         architectures=["Gemma4AssistantForCausalLM"], model_type="gemma4_assistant",
         backbone_hidden_size=t.hidden_size, use_ordered_embeddings=bool(s.num_centroids),
@@ -300,6 +303,7 @@ def balanced_assignment(similarity: np.ndarray, per: int) -> np.ndarray:
 
 
 KMEANS_ITERS = 25
+MAX_KMEANS_PAIRS = 2**26  # tokens x centroids the balanced k-means sorts
 INIT_STD = 0.02  # transformers' Gemma 4 initializer_range
 
 
@@ -315,15 +319,11 @@ def fresh_drafter(target: Target, config: Dict, seed: int) -> Drafter:
         if value.ndim >= 2:
             new.append((name, INIT_STD * mx.random.normal(value.shape, key=key)))
     drafter.load_weights(new, strict=False)
-    embedding = target.backbone.embed_tokens
-    if not isinstance(embedding, nn.QuantizedEmbedding):
-        target_embedding = embedding.weight.astype(mx.float32)
-        if target_embedding.shape == drafter.model.embed_tokens.weight.shape:
-            drafter.model.embed_tokens.weight = target_embedding
+    table = target.backbone.embed_tokens(mx.arange(target.vocab_size)).astype(mx.float32)  # quantized too
+    if table.shape == drafter.model.embed_tokens.weight.shape:
+        drafter.model.embed_tokens.weight = table
     if drafter.args.use_ordered_embeddings:
-        vectors = np.array(embedding.weight.astype(mx.float32)) if not isinstance(embedding, nn.QuantizedEmbedding) \
-            else np.array(embedding(mx.arange(target.vocab_size)).astype(mx.float32))
-        ordering = balanced_kmeans(vectors, drafter.args.num_centroids, KMEANS_ITERS, seed)
+        ordering = balanced_kmeans(np.array(table), drafter.args.num_centroids, KMEANS_ITERS, seed)
         drafter.masked_embedding.token_ordering = mx.array(ordering, dtype=mx.int32)
     mx.eval(drafter.parameters())
     return drafter

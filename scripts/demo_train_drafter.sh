@@ -47,7 +47,7 @@ files = sorted(Path("/usr/include").rglob("*.h"))
 held = [f for i, f in enumerate(files) if i % 20 == 7]
 train = [f for i, f in enumerate(files) if i % 20 != 7]
 def text(f): return f.read_text(encoding="utf-8", errors="replace")
-def chunks(fs, size=2000):
+def chunks(fs, size=600):  # about 256 tokens, mlx-lm's --max-seq-length
     for f in fs:
         t = text(f)
         yield from (t[i:i + size] for i in range(0, len(t), size))

@@ -226,6 +226,44 @@ def prefilled(target, ids):
     return cache
 
 
+def test_quantized_target_trains(pairs, settings, tmp_path):
+    from gemma_mtp_mlx.convert import convert_pair
+
+    target_path, assistant = pairs["e2b"]
+    pair = tmp_path / "q8"
+    convert_pair(str(target_path), str(assistant), pair, dtype="float32", quantize=True, q_bits=8, q_group_size=32)
+    log = td.train(replace(settings, model=str(pair), out=str(tmp_path / "drafter"), steps=2, eval_prompts=0,
+                           checkpoint_every=0))
+    assert np.isfinite(log["losses"]).all()
+    load(pair, draft_model=tmp_path / "drafter")
+
+
+def test_adapter_path_applies_an_mlx_lm_adapter(pairs, tmp_path):
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    target_path = str(pairs["e2b"][0])
+    config = {"fine_tune_type": "lora", "num_layers": 2,
+              "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0}}
+    adapted, _ = td.load_frozen_target(target_path, None)
+    linear_to_lora_layers(adapted.model, config["num_layers"], config["lora_parameters"])
+    lora = {k: 0.1 * mx.random.normal(v.shape, key=mx.random.key(i))
+            for i, (k, v) in enumerate(tree_flatten(adapted.model.parameters())) if k.endswith(("lora_a", "lora_b"))}
+    assert lora
+    adapted.model.load_weights(list(lora.items()), strict=False)
+    mx.save_safetensors(str(tmp_path / "adapters.safetensors"), lora)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+
+    ids = mx.array(random_ids(1)[:, :20])
+    loaded, _ = td.load_frozen_target(target_path, str(tmp_path))
+    base, _ = td.load_frozen_target(target_path, None)
+    hidden = {name: np.array(td.teacher(model, ids).hidden) for name, model in
+              (("loaded", loaded), ("adapted", adapted), ("base", base))}
+    assert np.abs(hidden["loaded"] - hidden["adapted"]).max() < 1e-5
+    assert np.abs(hidden["loaded"] - hidden["base"]).max() > 1e-2
+    with pytest.raises(CheckpointError, match="adapter_config.json"):
+        td.load_frozen_target(target_path, str(tmp_path / "nowhere"))
+
+
 # ---------------------------------------------------------------------------
 # Data and bad input
 
