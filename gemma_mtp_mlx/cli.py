@@ -10,7 +10,7 @@ from typing import Callable, List, Optional
 
 from mlx_lm.sample_utils import make_logits_processors
 
-from . import bench, chat, convert, distributed, selfcheck, server
+from . import bench, chat, convert, distributed, selfcheck, server, train_drafter
 from .adaptive import AUTO
 from .checkpoint import CheckpointError
 from .generate import chat_prompt, stream_generate
@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_command(commands, "serve", "an OpenAI-compatible HTTP server", server.add_arguments, server.run)
     add_command(commands, "doctor", "check in seconds that speculative output equals plain output here",
                 selfcheck.add_arguments, selfcheck.run)
+    add_command(commands, "train-drafter", "train the MTP drafter for a (fine-tuned) target, on MLX",
+                train_drafter.add_arguments, train_drafter.run)
     return parser
 
 

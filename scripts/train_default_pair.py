@@ -9,11 +9,11 @@ Everything comes from this machine's Python standard library sources (no downloa
 2. ``target``: a 20-layer, 128-wide Gemma 4 text model (transformers'
    ``Gemma4ForCausalLM``): sliding and full attention layers with a full last layer,
    the last 8 layers KV-shared, logit softcap 30. Trained with next-token cross-entropy.
-3. ``drafter``: a 2-layer ``gemma4_assistant`` (transformers'
-   ``Gemma4AssistantForCausalLM``) with a centroid head, trained like Google's drafters:
-   from the frozen target's final-norm hidden states and its shared K/V, unrolled for
-   ``draft_steps`` steps at the fixed position P, to match the target's next-token
-   distribution (KL) and the target's probability mass per centroid (cross-entropy).
+3. ``drafter``: a 2-layer ``gemma4_assistant`` with a centroid head, trained by this
+   package's MLX trainer (``gemma_mtp_mlx.train_drafter``, the code behind ``gemma-mtp
+   train-drafter``) like Google's drafters: from the frozen target's final-norm hidden
+   states and its shared K/V, unrolled for ``draft_steps`` steps at the fixed position P, to
+   match the target's next-token distribution and its probability mass per centroid.
    Tokens are grouped into centroids by a balanced k-means over the target's embeddings.
 4. ``install``: both checkpoints into the package (a temporary directory, then renamed).
 5. ``evaluate``: held-out greedy mean accepted length at k=4 through this package's MLX
@@ -25,6 +25,8 @@ initialisation, 2 torch threads); its settings, the corpus digest, losses and ti
 55 minutes on an idle 2-core CPU) and writes the result into ``gemma_mtp_mlx/models/``.
 
 Usage: python scripts/train_default_pair.py [--stage all|tokenizer|target|drafter|install|evaluate]
+(on Linux with ``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0``:
+the drafter stage runs on MLX, whose bundled CPU BLAS is a slow reference one).
 """
 
 from __future__ import annotations
@@ -46,12 +48,9 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 import torch
-import torch.nn.functional as F
 from tokenizers import processors
 from tokenizers.models import BPE
 from transformers import (
-    Gemma4AssistantConfig,
-    Gemma4AssistantForCausalLM,
     Gemma4ForCausalLM,
     Gemma4TextConfig,
     GemmaTokenizer,
@@ -64,7 +63,6 @@ from make_fixtures import (  # noqa: E402  (a sibling script, not a package)
     FULL,
     ROPE_PARAMETERS,
     SLIDING,
-    all_shared_kv_sharing_patch,
     save_model,
 )
 
@@ -116,26 +114,28 @@ SETTINGS = {
         "betas": [0.9, 0.95],
         "grad_clip": 1.0,
     },
-    "drafter": {
+    "drafter": {  # gemma_mtp_mlx.train_drafter.Settings (Adam, betas 0.9 / 0.95, k-means 25 iterations)
         "hidden_size": 128,
         "intermediate_size": 512,
-        "num_hidden_layers": 2,  # [sliding, full]
-        "num_attention_heads": 4,
+        "num_layers": 2,  # [sliding, full]
+        "num_heads": 4,
         "num_centroids": 128,
-        "centroid_intermediate_top_k": 8,
-        "kmeans_iters": 25,
+        "centroid_top_k": 8,
         "draft_steps": 4,
         "num_assistant_tokens": 4,
         "seq_len": 256,
         "batch_size": 16,
         "steps": 800,
-        "lr": 2e-3,
+        "learning_rate": 2e-3,
         "min_lr_ratio": 0.1,
         "warmup_steps": 30,
-        "weight_decay": 0.0,
-        "betas": [0.9, 0.95],
         "grad_clip": 1.0,
         "centroid_loss_weight": 1.0,
+        "eval_every": 200,  # held-out mean accepted length at k=4, through the MLX runtime
+        "eval_prompts": 8,
+        "eval_prompt_tokens": 64,
+        "eval_max_tokens": 64,
+        "eval_draft_tokens": 4,
     },
     "evaluate": {"prompts": 24, "prompt_tokens": 64, "max_tokens": 128, "num_draft_tokens": 4},
 }
@@ -363,136 +363,35 @@ def train_target(work: Path, log: dict) -> None:
 # Stage 3: drafter
 
 
-def balanced_kmeans(vectors: np.ndarray, clusters: int, iters: int, seed: int) -> np.ndarray:
-    """Token ordering: ids grouped cluster by cluster, every cluster the same size."""
-    count = len(vectors)
-    per = count // clusters
-    rng = np.random.default_rng(seed)
-    x = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    centers = x[rng.choice(count, clusters, replace=False)]
-    for _ in range(iters):
-        assignment = balanced_assignment(x @ centers.T, per)
-        for c in range(clusters):
-            mean = x[assignment == c].mean(axis=0)
-            centers[c] = mean / np.linalg.norm(mean)
-    assignment = balanced_assignment(x @ centers.T, per)
-    return np.concatenate([np.flatnonzero(assignment == c) for c in range(clusters)]).astype(np.int64)
-
-
-def balanced_assignment(similarity: np.ndarray, per: int) -> np.ndarray:
-    """Greedy: the most similar (token, cluster) pairs first, each cluster taking `per` tokens."""
-    order = np.argsort(-similarity, axis=None, kind="stable")
-    tokens, clusters = np.unravel_index(order, similarity.shape)
-    assignment = np.full(similarity.shape[0], -1)
-    filled = np.zeros(similarity.shape[1], dtype=np.int64)
-    for token, cluster in zip(tokens, clusters):
-        if assignment[token] < 0 and filled[cluster] < per:
-            assignment[token] = cluster
-            filled[cluster] += 1
-    return assignment
-
-
-def drafter_config(target: Gemma4TextConfig) -> Gemma4AssistantConfig:
-    s = SETTINGS["drafter"]
-    layer_types = [SLIDING] * (s["num_hidden_layers"] - 1) + [FULL]
-    text = Gemma4TextConfig(
-        layer_types=layer_types,
-        num_kv_shared_layers=s["num_hidden_layers"],  # every layer reads the target's K/V
-        # attention shapes must match the target's K/V
-        **{key: SETTINGS["target"][key] for key in ("num_key_value_heads", "head_dim", "global_head_dim",
-                                                      "sliding_window")},
-        **{key: s[key] for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")},
-        final_logit_softcapping=None,
-        **COMMON_TEXT_CONFIG,
-    )
-    return Gemma4AssistantConfig(
-        text_config=text,
-        backbone_hidden_size=target.hidden_size,
-        use_ordered_embeddings=True,
-        num_centroids=s["num_centroids"],
-        centroid_intermediate_top_k=s["centroid_intermediate_top_k"],
-        **special_ids(),
-    )
-
-
-def drafter_masks(seq_len: int, window: int) -> dict:
-    """Query i drafts at position P = i + 1 and sees the target's K/V at positions < P;
-    sliding layers only the last window + 1 of them (the assistant's inclusive window)."""
-    positions = torch.arange(1, seq_len)[:, None]
-    keys = torch.arange(seq_len)[None, :]
-    full = keys < positions
-    sliding = full & (keys >= positions - window - 1)
-    return {FULL: full[None, None], SLIDING: sliding[None, None]}
-
-
 def train_drafter(work: Path, log: dict) -> None:
+    """The package's own MLX trainer (`gemma-mtp train-drafter`) on the training files, evaluated
+    on the held-out ones; a fresh drafter whose embedding starts from the target's."""
+    sys.path.insert(0, str(REPO))
+    from gemma_mtp_mlx import train_drafter as trainer
+
     s = SETTINGS["drafter"]
-    target = Gemma4ForCausalLM.from_pretrained(work / "target", dtype=torch.float32).eval()
-    target.config._attn_implementation = "sdpa"
-    for p in target.parameters():
-        p.requires_grad_(False)
-    t_config = target.config
-    torch.manual_seed(SETTINGS["seed"] + 2)
-    with all_shared_kv_sharing_patch():
-        config = drafter_config(t_config)
-        config.get_text_config()._attn_implementation = "sdpa"
-        drafter = Gemma4AssistantForCausalLM(config).train()
-
-    target_embedding = target.model.embed_tokens.weight.detach()
-    ordering = balanced_kmeans(
-        target_embedding.numpy(), s["num_centroids"], s["kmeans_iters"], SETTINGS["seed"]
+    for path in (work / "tokenizer").iterdir():  # the trainer loads the target with its tokenizer
+        shutil.copy2(path, work / "target" / path.name)
+    out = work / "drafter"
+    shutil.rmtree(out, ignore_errors=True)
+    train, held_out, _ = corpus_files()
+    settings = trainer.Settings(
+        model=str(work / "target"), out=str(out), data=[str(p) for p in train], eval_data=[str(p) for p in held_out],
+        seed=SETTINGS["seed"] + 2, **{key: s[key] for key in DRAFTER_TRAINER_KEYS},
     )
-    with torch.no_grad():
-        drafter.masked_embedding.token_ordering.copy_(torch.from_numpy(ordering))
-        drafter.model.embed_tokens.weight.copy_(target_embedding)  # same width: a warm start
-    cluster_of = torch.empty(t_config.vocab_size, dtype=torch.long)
-    per = t_config.vocab_size // s["num_centroids"]
-    cluster_of[torch.from_numpy(ordering)] = torch.arange(t_config.vocab_size) // per
+    if s["steps"] < settings.checkpoint_every:
+        settings.checkpoint_every = 0
+    result = trainer.train(settings)
+    log["drafter"] = {key: value for key, value in result.items() if key not in ("settings", "losses")}
 
-    seq_len, steps = s["seq_len"], s["draft_steps"]
-    masks = drafter_masks(seq_len + 1, t_config.sliding_window)
-    positions = torch.arange(1, seq_len + 1)[None]
-    scale = t_config.hidden_size**0.5
 
-    def loss_fn(batch):
-        with torch.no_grad():
-            out = target(input_ids=batch, output_hidden_states=True, return_shared_kv_states=True)
-            hidden = out.hidden_states[-1]  # final-norm hidden states
-            p = F.softmax(out.logits, dim=-1)  # the teacher: the target's next-token distribution
-            cluster_p = torch.zeros(*p.shape[:-1], s["num_centroids"]).index_add_(-1, cluster_of, p)
-            embeds = target.model.embed_tokens.weight[batch] * scale
-            shared_kv = dict(out.shared_kv_states)
-        total = 0.0
-        state = hidden[:, :-1]  # h at P - 1, for P = 1..T
-        for j in range(steps):
-            # Step j drafts at P from the token at P + j and the previous step's state; its
-            # teacher is the target at P + j. (KL to the teacher up to its constant entropy.)
-            length = seq_len - j
-            x = drafter.pre_projection(torch.cat([embeds[:, 1 + j :], state[:, :length]], dim=-1))
-            h = drafter.model(
-                inputs_embeds=x,
-                attention_mask={k: m[..., :length, :] for k, m in masks.items()},
-                position_ids=positions[:, :length],
-                shared_kv_states=shared_kv,
-                use_cache=False,
-                output_hidden_states=True,
-            ).last_hidden_state
-            token_ce = F.cross_entropy(drafter.lm_head(h).flatten(0, 1), p[:, 1 + j :].flatten(0, 1))
-            centroid_ce = F.cross_entropy(
-                drafter.masked_embedding.centroids(h).flatten(0, 1), cluster_p[:, 1 + j :].flatten(0, 1)
-            )
-            total = total + token_ce + s["centroid_loss_weight"] * centroid_ce
-            state = drafter.post_projection(h)
-        return total / steps
-
-    train, _, _ = corpus_files()
-    stream = load_tokens(work, train)
-    train_loop("drafter", drafter, s, stream, loss_fn, log)
-    save_model(
-        drafter.eval(),
-        work / "drafter",
-        GenerationConfig(**special_ids(), num_assistant_tokens=s["num_assistant_tokens"]),
-    )
+# SETTINGS["drafter"] keys that are the trainer's settings of the same name
+DRAFTER_TRAINER_KEYS = (
+    "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_centroids", "centroid_top_k",
+    "draft_steps", "num_assistant_tokens", "seq_len", "batch_size", "steps", "learning_rate", "min_lr_ratio",
+    "warmup_steps", "grad_clip", "centroid_loss_weight", "eval_every", "eval_prompts", "eval_prompt_tokens",
+    "eval_max_tokens", "eval_draft_tokens",
+)
 
 
 # ---------------------------------------------------------------------------
@@ -545,7 +444,8 @@ def install(work: Path, out: Path, log: dict) -> None:
     for name, source in ((TARGET_NAME, work / "target"), (DRAFTER_NAME, work / "drafter")):
         temporary = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}."))
         for path in source.iterdir():
-            shutil.copy2(path, temporary / path.name)
+            if path.name != "training.json":  # the trainer's log; its numbers are in ours
+                shutil.copy2(path, temporary / path.name)
         if name == TARGET_NAME:
             for path in (work / "tokenizer").iterdir():
                 shutil.copy2(path, temporary / path.name)
