@@ -131,7 +131,8 @@ def run_benchmark(
             report(f"repeat {repeat + 1}/{repeats} {config.name}: {tps:.1f} tokens/s")
 
     report("checking exactness (greedy speculative output == plain output)")
-    exactness = exactness_check(target, tokenizer, draft_model, prompts, num_draft_tokens=max(ks),
+    fixed_ks = [k for k in ks if k != AUTO] or [AUTO_MAX_DRAFT_TOKENS]
+    exactness = exactness_check(target, tokenizer, draft_model, prompts, num_draft_tokens=max(fixed_ks),
                                 max_tokens=max_tokens)
     results = [_summarise(config, runs[config], costs) for config in configs]
     plain = {r["temp"]: r["tokens_per_s"] for r in results if r["kind"] == "plain"}
