@@ -190,7 +190,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         if args.debug:
             raise
-        print(f"gemma-mtp{distributed.rank_label()}: error: {e}", file=sys.__stderr__)
+        print(f"gemma-mtp{distributed.rank_label()}: error: {e}", file=distributed.error_stream())
         return 1
     except KeyboardInterrupt:
         return 130

@@ -174,9 +174,19 @@ def shared_seed(seed: Optional[int], group) -> Optional[int]:
 def quiet_other_ranks(group) -> None:
     """Only rank 0 prints: the other ranks' stdout and stderr go to /dev/null (their errors
     still reach the terminal through `sys.__stderr__`)."""
+    global _QUIETED
     if group.rank() != 0:
         sys.stdout = open(os.devnull, "w")
         sys.stderr = sys.stdout
+        _QUIETED = True
+
+
+_QUIETED = False  # this rank's stdout and stderr go to /dev/null
+
+
+def error_stream():
+    """Where this process writes its one-line errors: stderr, even on a quieted rank."""
+    return sys.__stderr__ if _QUIETED else sys.stderr
 
 
 def exit_when_terminated(group) -> None:
