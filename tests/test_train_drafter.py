@@ -286,11 +286,11 @@ def test_jsonl_text_and_chat_messages_use_the_target_tokenizer(mlx_pairs, tmp_pa
     ("no data", ValueError, "no training data"),
     ("missing data", DataError, "does not exist"),
     ("short data", DataError, "fewer than one training sequence"),
-    ("drafter does not fit", CheckpointError, "drafter expects sliding key/value heads 1, the target has 2"),
+    ("drafter does not fit", CheckpointError, "drafter expects backbone_hidden_size 32, the target has"),
     ("out exists", ValueError, "already exists"),
     ("nothing to resume", ValueError, "nothing to resume"),
 ])
-def test_bad_input_is_a_clear_error_and_writes_nothing(case, error, message, settings, pairs, tmp_path):
+def test_bad_input_is_a_clear_error_and_writes_nothing(case, error, message, settings, narrow_assistant, tmp_path):
     out = tmp_path / "run" / "drafter"
     s = replace(settings, out=str(out))
     short = tmp_path / "short.txt"
@@ -302,7 +302,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, error, message, set
     elif case == "short data":
         s = replace(s, data=[str(short)], eval_data=[settings.data[0]])
     elif case == "drafter does not fit":
-        s = replace(s, model=str(pairs["dense"][0]))
+        s = replace(s, draft_model=str(narrow_assistant))
     elif case == "out exists":
         out.mkdir(parents=True)
     elif case == "nothing to resume":
