@@ -30,6 +30,7 @@ from .loading import as_target
 from .sampling import Sampling
 from .speculative import GENERATION_STREAM, Round
 from .stats import SpeculativeStats
+from .validate import check_int, check_max_tokens
 
 
 @dataclass
@@ -119,10 +120,8 @@ class BatchEngine:
 
     def __init__(self, model, tokenizer, draft_model=None, *, num_draft_tokens: Optional[int] = None,
                  max_batch_size: int = 8, prefill_step_size: int = 512):
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
-        if prefill_step_size < 1:
-            raise ValueError(f"prefill_step_size must be at least 1, got {prefill_step_size}")
+        check_int("max_batch_size", max_batch_size, 1)
+        check_int("prefill_step_size", prefill_step_size, 1)
         self.target = as_target(model)
         self.tokenizer = tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
         self.drafter = draft_model
@@ -160,8 +159,7 @@ class BatchEngine:
                draft_mode: str = "sampled") -> int:
         """Queue a sequence; it joins the batch at a round boundary. Returns its uid."""
         prompt = self._checked_prompt(prompt_ids)
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        max_tokens = check_max_tokens(max_tokens)
         if top_logprobs < 0:
             raise ValueError(f"top_logprobs must be >= 0, got {top_logprobs}")
         k = self.num_draft_tokens

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import PAIRS
 from hf_reference import hf_greedy
-from test_lossless import EOS, MAX_TOKENS, decisive_prompts
+from test_lossless import EOS, MAX_TOKENS, decisive_prompts, tokens
 from test_sampling import MIN_EXPECTED, PROMPT, chi_square_p_value, exact_joint_with_processors
 from gemma_mtp_mlx import DraftLengthController, stream_generate
 from gemma_mtp_mlx.adaptive import AUTO_MAX_DRAFT_TOKENS
@@ -43,10 +43,6 @@ class FollowsTheDraws(DraftLengthController):
 
     def observe(self, k, accepted, seconds=None):
         self.k = 3 if accepted else 2
-
-
-def tokens(responses):
-    return [r.token for r in responses]
 
 
 @pytest.mark.parametrize("pair", list(PAIRS))
