@@ -24,13 +24,13 @@ from typing import Callable, Deque, List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .batch_cache import make_batch_cache
+from .batch_cache import RaggedKVCache, make_batch_cache, ragged_row, single_stream
 from .generate import draft_length, encode_prompt, until_stop
 from .loading import as_target
 from .sampling import Sampling
 from .speculative import GENERATION_STREAM, Round
 from .stats import SpeculativeStats
-from .validate import check_int, check_max_tokens
+from .validate import MAX_NUM_DRAFT_TOKENS, check_int, check_max_tokens
 
 
 @dataclass
@@ -44,6 +44,7 @@ class RowEvent:
     from_draft: List[bool]
     finish_reason: Optional[str] = None  # "stop" (EOS) or "length" (max_tokens)
     stats: Optional[SpeculativeStats] = None  # on the finishing event
+    cached_tokens: Optional[int] = None  # on the first event: prompt tokens taken from the prompt cache
 
 
 @dataclass
@@ -61,7 +62,12 @@ class _Row:
     first_token_time: float = 0.0
     token: int = -1  # the newest token (its device copy is the engine's `tokens` row)
     history: Optional[List[int]] = None  # the tokens before `token`, kept for logits processors
-    generated: int = 0
+    output: List[int] = field(default_factory=list)  # the tokens handed out
+    cached: int = 0  # prompt tokens that came from the prompt cache
+
+    @property
+    def generated(self) -> int:
+        return len(self.output)
 
     @property
     def position(self) -> int:
@@ -119,7 +125,9 @@ class BatchEngine:
     """Continuous batching of exact speculative (or, without a drafter, plain) decoding."""
 
     def __init__(self, model, tokenizer, draft_model=None, *, num_draft_tokens: Optional[int] = None,
-                 max_batch_size: int = 8, prefill_step_size: int = 512):
+                 max_batch_size: int = 8, prefill_step_size: int = 512, prompt_cache=None):
+        """`prompt_cache` (a `server.prompt_cache.PromptCache`, optional): rows start from
+        the longest cached prefix of their prompt, and leave their cache there when they end."""
         check_int("max_batch_size", max_batch_size, 1)
         check_int("prefill_step_size", prefill_step_size, 1)
         self.target = as_target(model)
@@ -128,15 +136,17 @@ class BatchEngine:
         self.num_draft_tokens = draft_length(self.target, draft_model, num_draft_tokens)
         self.max_batch_size = max_batch_size
         self.prefill_step_size = prefill_step_size
+        self.prompt_cache = prompt_cache
         self.eos = set(self.tokenizer.eos_token_ids)
         self.waiting: Deque[_Row] = deque()
         self.prefilling: List[_Row] = []
-        self.prefill_cache = make_batch_cache(self.target.args, rows=0)  # the prefilling rows'
+        self.prefill_cache: List[RaggedKVCache] = []  # the prefilling rows'
         self.active: List[_Row] = []
-        self.cache = make_batch_cache(self.target.args, rows=0)  # the active rows'
+        self.cache: List[RaggedKVCache] = []  # the active rows'
         # Per active row, on the device: its newest token [B], the target state that produced
         # it [B, 1, hidden], and its random key [B, 2].
         self.tokens = self.hidden = self.keys = None
+        self._drop_all()
         self._uids = 0
 
     @property
@@ -199,6 +209,8 @@ class BatchEngine:
                 c.take(prefilling)
         keep = [i for i, r in enumerate(self.active) if r.uid != uid]
         if len(keep) < len(self.active):
+            gone = next(i for i, r in enumerate(self.active) if r.uid == uid)
+            self._store(self.active[gone], self.cache, gone)
             self._keep_rows(keep)
 
     def _keep_rows(self, keep: List[int]) -> None:
@@ -215,10 +227,21 @@ class BatchEngine:
         """Admit waiting rows and prefill up to `prefill_step_size` more of their prompt
         tokens, then run one round for every active row. Returns the rows' new tokens."""
         with mx.stream(GENERATION_STREAM):
-            events = self._admit()
-            if self.active:
-                events += self._round()
+            try:
+                events = self._admit()
+                if self.active:
+                    events += self._round()
+            except BaseException:  # the rows' caches are in an unknown state: drop every row
+                self._drop_all()
+                raise
         return events
+
+    def _drop_all(self) -> None:
+        self.waiting.clear()
+        self.prefilling, self.active = [], []
+        self.prefill_cache = make_batch_cache(self.target.args, rows=0)
+        self.cache = make_batch_cache(self.target.args, rows=0)
+        self.tokens = self.hidden = self.keys = None
 
     def _admit(self) -> List[RowEvent]:
         """Move waiting rows into the prefill group while the batch has room, and run one
@@ -226,9 +249,9 @@ class BatchEngine:
         Rows whose prompt is done choose their first token and join the batch."""
         room = self.max_batch_size - len(self.active) - len(self.prefilling)
         joining = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
-        if joining:
-            self.prefilling += joining
-            for c, new in zip(self.prefill_cache, make_batch_cache(self.target.args, rows=len(joining))):
+        for row in joining:
+            self.prefilling.append(row)
+            for c, new in zip(self.prefill_cache, self._fetch(row)):
                 c.extend(new)
         if not self.prefilling:
             return []
@@ -252,7 +275,7 @@ class BatchEngine:
             mx.eval([(c.keys, c.values) for c in self.prefill_cache])
         for r in rows:
             r.prefill_time += time.perf_counter() - tic
-            r.stats.prompt_tps = r.prefilled / r.prefill_time
+            r.stats.prompt_tps = (r.prefilled - r.cached) / r.prefill_time
         self.prefilling = [r for i, r in enumerate(rows) if i not in done]
         for c in self.prefill_cache:
             c.take([i for i in range(len(rows)) if i not in done])
@@ -279,8 +302,12 @@ class BatchEngine:
             for i, values in zip(members, j.lists()):
                 rows[i].first_token_time = time.perf_counter()
                 events.append((i, self._emit(rows[i], *values, from_prefill=True)))
+                events[-1][1].cached_tokens = rows[i].cached
         events.sort(key=lambda e: e[0])
         joined = [i for i, e in events if e.finish_reason is None]
+        for i, e in events:
+            if e.finish_reason is not None:
+                self._store(rows[i], self.prefill_cache, cache_rows[i])
         if joined:
             self.active += [rows[i] for i in joined]
             for c, row_cache in zip(self.cache, self.prefill_cache):
@@ -316,8 +343,25 @@ class BatchEngine:
             c.set_lengths([r.position for r in rows])
         keep = [i for i in range(len(rows)) if events[i].finish_reason is None]
         if len(keep) < len(rows):
+            for i in set(range(len(rows))) - set(keep):
+                self._store(rows[i], self.cache, i)
             self._keep_rows(keep)
         return [events[i] for i in range(len(rows))]
+
+    def _fetch(self, row: _Row) -> List[RaggedKVCache]:
+        """The row's cache rows: the prompt cache's longest prefix of its prompt, or empty."""
+        cache = None
+        if self.prompt_cache is not None:
+            cache, row.cached = self.prompt_cache.fetch(row.prompt.tolist())
+        row.prefilled = row.cached
+        return make_batch_cache(self.target.args, rows=1) if cache is None else ragged_row(cache)
+
+    def _store(self, row: _Row, cache: List[RaggedKVCache], index: int) -> None:
+        """Leave row `index` of `cache` (row `row`'s verified positions) in the prompt cache."""
+        if self.prompt_cache is None:
+            return
+        tokens = row.prompt.tolist() + row.output[:-1]
+        self.prompt_cache.store(tokens, single_stream([c.select([index]) for c in cache], MAX_NUM_DRAFT_TOKENS))
 
     def _draft(self, rows: List[_Row], groups: _Groups, K: int, draw_keys: List[mx.array]):
         """K drafts per row, each at its row's own position over its own verified K/V:
@@ -364,7 +408,7 @@ class BatchEngine:
         row.stats.record(round_)
         if row.sampling.logits_processors:
             row.history = row.prompt.tolist() if from_prefill else row.history + [row.token] + drafted[:n]
-        row.generated += len(round_.emitted)
+        row.output += round_.emitted
         row.token = emitted[-1]
         finish = "stop" if round_.emitted[-1] in self.eos else "length" if row.generated >= row.max_tokens else None
         top = [sorted(zip(i, v), key=lambda t: -t[1]) for i, v in zip(top_ids, top_values)]

@@ -17,8 +17,9 @@ per row at any length.
 from typing import List, Optional, Sequence
 
 import mlx.core as mx
+from mlx_lm.models.cache import KVCache
 
-from .cache import num_kv_layers
+from .cache import SlidingKVCache, num_kv_layers, rollback_needed
 
 
 class RaggedKVCache:
@@ -192,3 +193,42 @@ def make_batch_cache(args, rows: int = 1) -> List[RaggedKVCache]:
         RaggedKVCache(args.sliding_window if args.layer_types[i] == "sliding_attention" else None, rows)
         for i in range(num_kv_layers(args))
     ]
+
+
+def ragged_row(cache: List) -> List[RaggedKVCache]:
+    """One-row ragged caches holding what a single-stream cache (`make_target_cache`'s:
+    mlx-lm's `KVCache` for full attention, `SlidingKVCache` for sliding layers) holds."""
+    rows = []
+    for c in cache:
+        window = getattr(c, "window", None)
+        row = RaggedKVCache(window, rows=1)
+        if c.keys is not None and c.offset:
+            used = c.used if window is not None else c.offset
+            row.keys, row.values = c.keys[..., :used, :], c.values[..., :used, :]
+            row.lengths, row.starts = [c.offset], [c.offset - used]
+        rows.append(row)
+    return rows
+
+
+def single_stream(rows: List[RaggedKVCache], max_draft: int) -> List:
+    """The single-stream cache (as `make_target_cache(args, max_draft)` makes) holding what
+    one-row ragged caches hold; the inverse of `ragged_row`."""
+    cache = []
+    for row in rows:
+        if row.rows != 1:
+            raise ValueError(f"single_stream takes one-row caches, got {row.rows} rows")
+        length, start = row.lengths[0], row.starts[0]
+        used = length - start
+        keys = values = None
+        if row.keys is not None and used:
+            keys, values = (mx.contiguous(a[..., :used, :]) for a in (row.keys, row.values))
+        if row.window is None:
+            c = KVCache()
+            if keys is not None:
+                c.keys, c.values, c.offset = keys, values, length
+        else:
+            keep = row.window + 1 + rollback_needed(max_draft)
+            c = SlidingKVCache.from_state((keys, values, row.window, keep, row.step, length, start,
+                                           used if keys is not None else 0))
+        cache.append(c)
+    return cache

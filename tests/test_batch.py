@@ -290,3 +290,46 @@ def test_logits_processors_logprobs_and_top_logprobs_per_row(default_pair):
         for token, logprob, top in zip(e.tokens, e.logprobs, e.top_logprobs):
             assert len(top) == 3 and top[0][0] == token and abs(top[0][1] - logprob) < 1e-6
     assert len([t for e in events[sampled] for t in e.tokens]) == 30
+
+
+@pytest.mark.parametrize("pair", ["e2b", "dense"])
+def test_rows_start_from_the_prompt_cache_and_leave_their_cache_there(pair, mlx_pairs):
+    """The server's prompt cache through the engine: a row that ends leaves its K/V there
+    (converted to the single-stream cache), the next turn's row starts from it and prefills
+    only its new tokens, past the window, beside a row already running; a row sharing only
+    part of an entry starts from a rolled-back copy when the sliding layers allow. Every
+    row's output is its single-stream output; a penalised row uses the cache too."""
+    from gemma_mtp_mlx.server.prompt_cache import PromptCache
+    from mlx_lm.sample_utils import make_logits_processors
+
+    p = mlx_pairs[pair]
+    cache = PromptCache(8, 1 << 30)
+    engine = BatchEngine(p.target, p.tokenizer, p.drafter, num_draft_tokens=3, max_batch_size=4,
+                         prompt_cache=cache, prefill_step_size=9)
+    first, other = ragged_prompts(seed=2, lengths=(2 * WINDOW + 5, 11))
+    cached = {}
+
+    def run(prompts, limits, processors=None):
+        uids = [engine.insert(q, max_tokens=n, logits_processors=processors) for q, n in zip(prompts, limits)]
+        tokens = {}
+        while engine.has_work:
+            for event in engine.step():
+                tokens.setdefault(event.uid, []).extend(event.tokens)
+                if event.cached_tokens is not None:
+                    cached[event.uid] = event.cached_tokens
+        return [tokens[u] for u in uids], [cached[u] for u in uids]
+
+    (out,), (hit,) = run([first], [2 * WINDOW])
+    assert hit == 0 and len(cache.entries) == 1
+    turn = first + out + [7, 8, 9]  # the next turn, beside a new row
+    (got, got_other), hits = run([turn, other], [3 * WINDOW, 20])
+    assert got == single_stream(p, turn, 3 * WINDOW) and got_other == single_stream(p, other, 20)
+    assert hits == [len(first) + len(out) - 1, 0]
+    shared = turn + got[:-3] + [5]  # shares all but the last 3 tokens of the newest entry
+    (got,), (hit,) = run([shared], [WINDOW])
+    assert got == single_stream(p, shared, WINDOW)
+    assert hit in (0, len(shared) - 1)  # a rolled-back copy, or none when the window has moved on
+    again = shared + got + [11, 12]
+    (got,), (hit,) = run([again], [WINDOW], make_logits_processors(repetition_penalty=1.3))
+    assert hit == len(shared) + WINDOW - 1
+    assert got == single_stream(p, again, WINDOW, logits_processors=make_logits_processors(repetition_penalty=1.3))

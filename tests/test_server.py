@@ -216,7 +216,7 @@ def test_stop_strings_cut_exactly_streamed_or_not(server):
 def test_stop_strings_never_leave_the_server_whatever_the_rounds():
     """Job.feed on every split of one reply into rounds: the text before the stop string
     goes out whole, the stop string never, and held-back text is released at the end."""
-    from gemma_mtp_mlx.server.serial import RowEvent
+    from gemma_mtp_mlx.batch import RowEvent
     from gemma_mtp_mlx.server.worker import Job
 
     _, tokenizer, _ = load()
@@ -459,11 +459,11 @@ def test_a_failing_request_fails_alone_and_the_generation_thread_goes_on():
     from types import SimpleNamespace
 
     from gemma_mtp_mlx.server.prompt_cache import PromptCache
-    from gemma_mtp_mlx.server.serial import SerialEngine
+    from gemma_mtp_mlx.batch import BatchEngine
     from gemma_mtp_mlx.server.worker import Job, Worker
 
     # MLX arrays belong to the thread that made them: the model loads in the generation thread.
-    worker = Worker(lambda: SimpleNamespace(engine=SerialEngine(*load(), prompt_cache=PromptCache(4, 1 << 30))))
+    worker = Worker(lambda: SimpleNamespace(engine=BatchEngine(*load(), prompt_cache=PromptCache(4, 1 << 30))))
 
     def broken(tokens, logits):  # fails once the row has handed out tokens
         if tokens.size > len(tokenizer.encode(PROMPT)) + 6:

@@ -1,8 +1,8 @@
 """`gemma-mtp serve`: an OpenAI-compatible HTTP server with exact MTP speculative decoding.
 
-`app.py` is the HTTP layer, `worker.py` the generation thread that owns the model,
-`serial.py` the engine it drives (one request at a time, behind the batch engine's
-interface), `prompt_cache.py` the LRU of K/V caches keyed by token prefix.
+`app.py` is the HTTP layer, `worker.py` the generation thread that owns the model and
+drives the batch engine (`gemma_mtp_mlx.batch.BatchEngine`: requests join the running
+batch at the next round), `prompt_cache.py` the LRU of K/V caches keyed by token prefix.
 """
 
 import argparse
@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-draft-tokens", type=int, default=None,
                         help="tokens drafted per round unless a request says; unset: the drafter's "
                              "num_assistant_tokens, else 4")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="most requests generating at once (the one-row engine in use "
-                             "today runs them one at a time)")
+    parser.add_argument("--max-batch-size", type=int, default=8,
+                        help="most requests generating at once; more wait for a free row")
     parser.add_argument("--max-tokens", type=int, default=256, help="tokens per reply when a request does not say")
     parser.add_argument("--prompt-cache-size", type=int, default=10,
                         help="most K/V caches kept for reuse by later prompts with the same start; 0 disables")

@@ -14,11 +14,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from mlx_lm.sample_utils import make_logits_processors
 from starlette.exceptions import HTTPException
 
+from ..batch import BatchEngine
 from ..generate import encode_prompt
 from ..loading import DEFAULT_MODEL, load
+from ..validate import MAX_NUM_DRAFT_TOKENS
 from .prompt_cache import PromptCache
 from .protocol import ChatRequest, CompletionRequest, GenerationFields, error_body, new_id, now
-from .serial import MAX_DRAFT_TOKENS, SerialEngine
 from .worker import Delta, Job, TokenInfo, Worker
 
 ENDPOINTS = "/health, /metrics, /v1/models, /v1/completions, /v1/chat/completions"
@@ -349,8 +350,8 @@ def metrics_text(worker: Worker) -> str:
 def check_args(args) -> None:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    if args.num_draft_tokens is not None and not 1 <= args.num_draft_tokens <= MAX_DRAFT_TOKENS:
-        raise ValueError(f"--num-draft-tokens must be in [1, {MAX_DRAFT_TOKENS}], got {args.num_draft_tokens}")
+    if args.num_draft_tokens is not None and not 1 <= args.num_draft_tokens <= MAX_NUM_DRAFT_TOKENS:
+        raise ValueError(f"--num-draft-tokens must be in [1, {MAX_NUM_DRAFT_TOKENS}], got {args.num_draft_tokens}")
     for name in ("max_batch_size", "max_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -368,8 +369,8 @@ def loader(args):
             drafter = None
         k = (args.num_draft_tokens or drafter.default_num_draft_tokens) if drafter is not None else 0
         cache = PromptCache(args.prompt_cache_size, args.prompt_cache_bytes)
-        engine = SerialEngine(model, tokenizer, drafter, num_draft_tokens=k or None,
-                              max_batch_size=args.max_batch_size, prompt_cache=cache)
+        engine = BatchEngine(model, tokenizer, drafter, num_draft_tokens=k or None,
+                             max_batch_size=args.max_batch_size, prompt_cache=cache)
         return Served(engine, tokenizer, model.args.max_position_embeddings, model.args.vocab_size, k,
                       args.max_tokens)
 

@@ -6,7 +6,7 @@ from typing import List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .serial import MAX_DRAFT_TOKENS
+from ..validate import MAX_NUM_DRAFT_TOKENS
 
 MAX_TOP_LOGPROBS = 20
 
@@ -34,7 +34,7 @@ class GenerationFields(BaseModel):
     repetition_penalty: Optional[float] = Field(None, gt=0)
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    num_draft_tokens: Optional[int] = Field(None, ge=1, le=MAX_DRAFT_TOKENS)
+    num_draft_tokens: Optional[int] = Field(None, ge=1, le=MAX_NUM_DRAFT_TOKENS)
     n: int = Field(1, ge=1, le=1, description="one choice per request")
 
     def stop_strings(self) -> List[str]:

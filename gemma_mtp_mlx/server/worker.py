@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
-from .serial import RowEvent
+from ..batch import RowEvent
 
 TopList = List[Tuple[str, float]]
 
@@ -83,14 +83,6 @@ class SpeculationTally:
         )
 
 
-def cached_tokens(stats) -> Optional[int]:
-    """Prompt tokens an engine took from its prompt cache, if its event stats say (a dict
-    from SerialEngine; an engine without a prompt cache reports none)."""
-    if isinstance(stats, dict):
-        return stats.get("cached_tokens")
-    return getattr(stats, "cached_tokens", None)
-
-
 class Job:
     """One request: its options, and the text state the generation thread keeps for it."""
 
@@ -118,9 +110,8 @@ class Job:
     def feed(self, event: RowEvent) -> Optional[Delta]:
         """The event's tokens as a Delta (None when all its text is held back); sets `done`
         when the row finished or a stop string ended it."""
-        cached = cached_tokens(event.stats)
-        if cached is not None:
-            self.cached_tokens = cached
+        if event.cached_tokens is not None:
+            self.cached_tokens = event.cached_tokens
         self.tally.add(event.from_draft, first=self.completion_tokens == 0)
         finish, cut = None, False
         tops = event.top_logprobs or [[]] * len(event.tokens)
