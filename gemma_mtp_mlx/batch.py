@@ -16,6 +16,7 @@ Rows never share a length: `RaggedKVCache` writes each row's entries after its o
 so a rejected tail is dropped by that row alone. `batch_generate` is a loop over the engine.
 """
 
+import functools
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -25,12 +26,13 @@ import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .batch_cache import RaggedKVCache, make_batch_cache, ragged_row, single_stream
+from .adaptive import AUTO, AUTO_MAX_DRAFT_TOKENS, DraftLengthController
 from .generate import draft_length, encode_prompt, until_stop
 from .loading import as_target
 from .sampling import Sampling
 from .speculative import GENERATION_STREAM, Round
 from .stats import SpeculativeStats
-from .validate import MAX_NUM_DRAFT_TOKENS, check_int, check_max_tokens
+from .validate import check_int, check_max_tokens
 
 
 @dataclass
@@ -45,6 +47,7 @@ class RowEvent:
     finish_reason: Optional[str] = None  # "stop" (EOS) or "length" (max_tokens)
     stats: Optional[SpeculativeStats] = None  # on the finishing event
     cached_tokens: Optional[int] = None  # on the first event: prompt tokens taken from the prompt cache
+    drafted: int = 0  # drafts the target judged this round (with `auto`, each round its own k)
 
 
 @dataclass
@@ -53,7 +56,7 @@ class _Row:
     prompt: mx.array  # [P] token ids
     max_tokens: int
     sampling: Sampling
-    k: int  # draft length
+    k: int  # draft length (of the next round, with `auto`)
     key: mx.array  # its own random key until it joins; then the engine's `keys` row holds it
     top_logprobs: int
     stats: SpeculativeStats
@@ -64,10 +67,16 @@ class _Row:
     history: Optional[List[int]] = None  # the tokens before `token`, kept for logits processors
     output: List[int] = field(default_factory=list)  # the tokens handed out
     cached: int = 0  # prompt tokens that came from the prompt cache
+    auto: bool = False  # k chosen each round by the engine's controller
 
     @property
     def generated(self) -> int:
         return len(self.output)
+
+    @property
+    def verified(self) -> List[int]:
+        """The tokens the row's cache holds: all but the newest."""
+        return self.prompt.tolist() + self.output[:-1]
 
     @property
     def position(self) -> int:
@@ -124,7 +133,7 @@ class _Groups:
 class BatchEngine:
     """Continuous batching of exact speculative (or, without a drafter, plain) decoding."""
 
-    def __init__(self, model, tokenizer, draft_model=None, *, num_draft_tokens: Optional[int] = None,
+    def __init__(self, model, tokenizer, draft_model=None, *, num_draft_tokens: Union[int, str, None] = None,
                  max_batch_size: int = 8, prefill_step_size: int = 512, prompt_cache=None):
         """`prompt_cache` (a `server.prompt_cache.PromptCache`, optional): rows start from
         the longest cached prefix of their prompt, and leave their cache there when they end."""
@@ -137,6 +146,9 @@ class BatchEngine:
         self.max_batch_size = max_batch_size
         self.prefill_step_size = prefill_step_size
         self.prompt_cache = prompt_cache
+        # Rows with num_draft_tokens="auto" share one controller: every round's time is the
+        # whole batch's, and each of their rows' acceptance counts.
+        self.controller = DraftLengthController(AUTO_MAX_DRAFT_TOKENS)
         self.eos = set(self.tokenizer.eos_token_ids)
         self.waiting: Deque[_Row] = deque()
         self.prefilling: List[_Row] = []
@@ -165,7 +177,7 @@ class BatchEngine:
     def insert(self, prompt_ids: Sequence[int], *, max_tokens: int, temp: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, min_p: float = 0.0, min_tokens_to_keep: int = 1,
                logits_processors: Optional[List[Callable]] = None, seed: Optional[int] = None,
-               num_draft_tokens: Optional[int] = None, top_logprobs: int = 0,
+               num_draft_tokens: Union[int, str, None] = None, top_logprobs: int = 0,
                draft_mode: str = "sampled") -> int:
         """Queue a sequence; it joins the batch at a round boundary. Returns its uid."""
         prompt = self._checked_prompt(prompt_ids)
@@ -180,11 +192,11 @@ class BatchEngine:
         sampling = Sampling(temp, top_p, top_k, min_p, min_tokens_to_keep, None,
                             list(logits_processors or []), draft_mode)
         seed = int(mx.random.randint(0, 2**31 - 1).item()) if seed is None else seed
-        stats = SpeculativeStats(num_draft_tokens=k, accepted_by_position=[0] * k,
-                                 drafted_by_position=[0] * k, prompt_tokens=prompt.size)
+        auto = k == AUTO
+        stats = SpeculativeStats.empty(AUTO_MAX_DRAFT_TOKENS if auto else k, prompt.size, auto=auto)
         self._uids += 1
-        self.waiting.append(_Row(self._uids, prompt, max_tokens, sampling, k, mx.random.key(seed),
-                                 top_logprobs, stats))
+        self.waiting.append(_Row(self._uids, prompt, max_tokens, sampling, 0 if auto else k, mx.random.key(seed),
+                                 top_logprobs, stats, auto=auto))
         return self._uids
 
     def _checked_prompt(self, prompt_ids) -> mx.array:
@@ -210,7 +222,7 @@ class BatchEngine:
         keep = [i for i, r in enumerate(self.active) if r.uid != uid]
         if len(keep) < len(self.active):
             gone = next(i for i, r in enumerate(self.active) if r.uid == uid)
-            self._store(self.active[gone], self.cache, gone)
+            self._store(self.active[gone].verified, self.cache, gone)
             self._keep_rows(keep)
 
     def _keep_rows(self, keep: List[int]) -> None:
@@ -305,9 +317,9 @@ class BatchEngine:
                 events[-1][1].cached_tokens = rows[i].cached
         events.sort(key=lambda e: e[0])
         joined = [i for i, e in events if e.finish_reason is None]
-        for i, e in events:
-            if e.finish_reason is not None:
-                self._store(rows[i], self.prefill_cache, cache_rows[i])
+        for i, _ in events:  # the prompt's K/V, for later prompts sharing its start (a system prompt),
+            # which the row's final cache can no longer roll back to once its sliding window moved on
+            self._store(rows[i].prompt.tolist(), self.prefill_cache, cache_rows[i])
         if joined:
             self.active += [rows[i] for i in joined]
             for c, row_cache in zip(self.cache, self.prefill_cache):
@@ -320,6 +332,12 @@ class BatchEngine:
 
     def _round(self) -> List[RowEvent]:
         rows = self.active
+        auto = [r for r in rows if r.auto]
+        if auto:
+            k = self.controller.choose()
+            for r in auto:
+                r.k = k
+        tic = time.perf_counter()
         groups = _Groups(rows)
         K = max(r.k for r in rows)
         split = [_split_keys(self.keys[index], row.k + 1) for row, index in zip(groups.first, groups.index)]
@@ -335,16 +353,20 @@ class BatchEngine:
                                      for j in judged])
         self.hidden = hiddens[mx.arange(len(rows)), accepted][:, None]
         mx.eval([j.arrays() for j in judged], self.tokens, self.hidden, self.keys)
+        seconds = time.perf_counter() - tic
         events = {}
         for members, j in zip(groups.members, judged):
             for i, values in zip(members, j.lists()):
                 events[i] = self._emit(rows[i], *values)
+                if rows[i].auto:  # the round's time once, every auto row's acceptance
+                    self.controller.observe(rows[i].k, values[1], seconds)
+                    seconds = None
         for c in self.cache:  # each row keeps exactly its verified positions
             c.set_lengths([r.position for r in rows])
         keep = [i for i in range(len(rows)) if events[i].finish_reason is None]
         if len(keep) < len(rows):
             for i in set(range(len(rows))) - set(keep):
-                self._store(rows[i], self.cache, i)
+                self._store(rows[i].verified, self.cache, i)
             self._keep_rows(keep)
         return [events[i] for i in range(len(rows))]
 
@@ -356,12 +378,11 @@ class BatchEngine:
         row.prefilled = row.cached
         return make_batch_cache(self.target.args, rows=1) if cache is None else ragged_row(cache)
 
-    def _store(self, row: _Row, cache: List[RaggedKVCache], index: int) -> None:
-        """Leave row `index` of `cache` (row `row`'s verified positions) in the prompt cache."""
+    def _store(self, tokens: List[int], cache: List[RaggedKVCache], index: int) -> None:
+        """Leave row `index` of `cache`, which holds `tokens`, in the prompt cache."""
         if self.prompt_cache is None:
             return
-        tokens = row.prompt.tolist() + row.output[:-1]
-        self.prompt_cache.store(tokens, single_stream([c.select([index]) for c in cache], MAX_NUM_DRAFT_TOKENS))
+        self.prompt_cache.store(tokens, single_stream([c.select([index]) for c in cache]))
 
     def _draft(self, rows: List[_Row], groups: _Groups, K: int, draw_keys: List[mx.array]):
         """K drafts per row, each at its row's own position over its own verified K/V:
@@ -403,7 +424,7 @@ class BatchEngine:
               top_ids: List, top_values: List, from_prefill: bool = False) -> RowEvent:
         """Hand out a round's tokens, cut after EOS or at max_tokens; record its stats."""
         emitted = drafted[:n] + [choices[n]]
-        round_ = until_stop(Round(row.position, drafted, n, emitted, logprobs[: n + 1], from_prefill),
+        round_ = until_stop(Round(row.position, drafted, n, emitted, logprobs[: n + 1], from_prefill, row.k),
                              self.eos, row.max_tokens - row.generated)
         row.stats.record(round_)
         if row.sampling.logits_processors:
@@ -413,7 +434,8 @@ class BatchEngine:
         finish = "stop" if round_.emitted[-1] in self.eos else "length" if row.generated >= row.max_tokens else None
         top = [sorted(zip(i, v), key=lambda t: -t[1]) for i, v in zip(top_ids, top_values)]
         event = RowEvent(row.uid, round_.emitted, round_.logprobs, top[: len(round_.emitted)],
-                         [i < round_.accepted for i in range(len(round_.emitted))], finish)
+                         [i < round_.accepted for i in range(len(round_.emitted))], finish,
+                         drafted=0 if from_prefill else len(round_.drafted))
         if finish:
             stats = row.stats
             stats.generation_tokens = row.generated
@@ -516,7 +538,7 @@ class BatchResponse:
 
 
 def batch_generate(model, tokenizer, prompts: Sequence[Union[str, Sequence[int]]], *, draft_model=None,
-                   max_tokens: Union[int, Sequence[int]] = 128, num_draft_tokens: Optional[int] = None,
+                   max_tokens: Union[int, Sequence[int]] = 128, num_draft_tokens: Union[int, str, None] = None,
                    return_token_ids: bool = False, max_batch_size: Optional[int] = None,
                    prefill_step_size: int = 512, temp: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                    min_p: float = 0.0, min_tokens_to_keep: int = 1,
@@ -567,16 +589,6 @@ def batch_generate(model, tokenizer, prompts: Sequence[Union[str, Sequence[int]]
 
 def pooled(stats: List[SpeculativeStats], elapsed: float) -> SpeculativeStats:
     """Counts summed over rows; tokens/s of all rows together over `elapsed` seconds."""
-    k = max(s.num_draft_tokens for s in stats)
-
-    def summed(name):
-        return [sum(getattr(s, name)[i] for s in stats if i < len(getattr(s, name))) for i in range(k)]
-
-    total = SpeculativeStats(num_draft_tokens=k, accepted_by_position=summed("accepted_by_position"),
-                             drafted_by_position=summed("drafted_by_position"))
-    for name in ("rounds", "drafted_tokens", "accepted_tokens", "fallback_rounds", "prompt_tokens",
-                 "generation_tokens"):
-        setattr(total, name, sum(getattr(s, name) for s in stats))
+    total = functools.reduce(SpeculativeStats.merge, stats)
     total.generation_tps = total.generation_tokens / elapsed if elapsed > 0 else 0.0
-    total.peak_memory = max(s.peak_memory for s in stats)
     return total

@@ -9,9 +9,10 @@ row and no zeroed key is ever attended to: the masks `make_mask` hands mlx-lm's 
 decoding would see. `offset` is the per-row position array mlx-lm's attention uses for RoPE.
 
 Full-attention layers keep every position. Sliding-window layers keep, when a write does
-not fit, only each row's last `window + 1` positions (the target's queries need `window - 1`
-earlier keys, the drafter reads `window + 1`), so their memory stays O(window + draft)
-per row at any length.
+not fit, only each row's last `window + 1 + RESERVE` positions (the target's queries need
+`window - 1` earlier keys, the drafter reads `window + 1`; the reserve lets a finished row's
+cache be rolled back for a prompt that shares most of it, as the single-stream cache can),
+so their memory stays O(window + draft) per row at any length.
 """
 
 from typing import List, Optional, Sequence
@@ -20,6 +21,10 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from .cache import SlidingKVCache, num_kv_layers, rollback_needed
+from .validate import MAX_NUM_DRAFT_TOKENS
+
+
+RESERVE = rollback_needed(MAX_NUM_DRAFT_TOKENS)
 
 
 class RaggedKVCache:
@@ -27,7 +32,7 @@ class RaggedKVCache:
 
     def __init__(self, window: Optional[int] = None, rows: int = 1, step: int = 64):
         self.window = window  # None: full attention
-        self.keep = None if window is None else window + 1
+        self.keep = None if window is None else window + 1 + RESERVE
         self.step = step
         self.keys = None
         self.values = None
@@ -210,9 +215,9 @@ def ragged_row(cache: List) -> List[RaggedKVCache]:
     return rows
 
 
-def single_stream(rows: List[RaggedKVCache], max_draft: int) -> List:
-    """The single-stream cache (as `make_target_cache(args, max_draft)` makes) holding what
-    one-row ragged caches hold; the inverse of `ragged_row`."""
+def single_stream(rows: List[RaggedKVCache]) -> List:
+    """The single-stream cache (as `make_target_cache(args, MAX_NUM_DRAFT_TOKENS)` makes)
+    holding what one-row ragged caches hold; the inverse of `ragged_row`."""
     cache = []
     for row in rows:
         if row.rows != 1:
@@ -227,8 +232,7 @@ def single_stream(rows: List[RaggedKVCache], max_draft: int) -> List:
             if keys is not None:
                 c.keys, c.values, c.offset = keys, values, length
         else:
-            keep = row.window + 1 + rollback_needed(max_draft)
-            c = SlidingKVCache.from_state((keys, values, row.window, keep, row.step, length, start,
+            c = SlidingKVCache.from_state((keys, values, row.window, row.keep, row.step, length, start,
                                            used if keys is not None else 0))
         cache.append(c)
     return cache

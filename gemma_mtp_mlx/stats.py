@@ -2,6 +2,7 @@
 whose tokens were handed out."""
 
 from dataclasses import asdict, dataclass, field
+from itertools import zip_longest
 from typing import List, Optional
 
 from .speculative import Round
@@ -85,16 +86,14 @@ class SpeculativeStats:
 
     def merge(self, other: "SpeculativeStats") -> "SpeculativeStats":
         """Two runs' statistics as one run's: counts summed (so the rates weigh every round
-        alike), tokens/s over both runs' time, the higher peak memory, round logs joined
-        (kept only when both runs recorded one)."""
-        if other.num_draft_tokens != self.num_draft_tokens:
-            raise ValueError(f"cannot merge statistics of k={self.num_draft_tokens} and "
-                             f"k={other.num_draft_tokens}: merge runs of one draft length")
+        alike; per position over the runs that drafted it, k the larger), tokens/s over both
+        runs' time, the higher peak memory, round logs joined (kept only when both runs
+        recorded one)."""
         logs = None
         if self.rounds_log is not None and other.rounds_log is not None:
             logs = self.rounds_log + other.rounds_log
         return SpeculativeStats(
-            num_draft_tokens=self.num_draft_tokens,
+            num_draft_tokens=max(self.num_draft_tokens, other.num_draft_tokens),
             rounds=self.rounds + other.rounds,
             drafted_tokens=self.drafted_tokens + other.drafted_tokens,
             accepted_tokens=self.accepted_tokens + other.accepted_tokens,
@@ -149,4 +148,5 @@ def _pooled_rate(count_a: int, rate_a: float, count_b: int, rate_b: float) -> fl
 
 
 def _summed(a: List[int], b: List[int]) -> List[int]:
-    return [x + y for x, y in zip(a, b)]
+    """Element-wise sum; the shorter list counts as zeros past its end."""
+    return [x + y for x, y in zip_longest(a, b, fillvalue=0)]

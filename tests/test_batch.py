@@ -17,7 +17,7 @@ from conftest import PAIRS, Pair
 from test_sampling import chi_square_p_value
 from gemma_mtp_mlx import load, stream_generate
 from gemma_mtp_mlx.batch import BatchEngine, batch_generate
-from gemma_mtp_mlx.batch_cache import RaggedKVCache
+from gemma_mtp_mlx.batch_cache import RESERVE, RaggedKVCache
 from gemma_mtp_mlx.sampling import Sampling
 
 WINDOW = 16  # the fixtures' sliding window
@@ -54,7 +54,7 @@ def test_greedy_rows_equal_single_stream_past_3x_window(pair, mlx_pairs):
     reference = [single_stream(p, prompt, n) for prompt, n in zip(prompts, LIMITS)]
     plain = batch_generate(p.target, p.tokenizer, prompts, max_tokens=LIMITS, return_token_ids=True)
     assert plain.token_ids == reference
-    for k in (1, 3, 6):
+    for k in (1, 3, 6, "auto"):
         out = batch_generate(p.target, p.tokenizer, prompts, draft_model=p.drafter, num_draft_tokens=k,
                              max_tokens=LIMITS, return_token_ids=True)
         assert out.token_ids == reference, f"k={k}"
@@ -112,6 +112,31 @@ def test_ragged_acceptance_with_rows_joining_and_leaving(default_pair):
         assert stats[uids[i]].accepted_by_position == alone[-1].stats.accepted_by_position, f"row {i}"
         assert stats[uids[i]].mean_accepted_length > 1.5
     assert not engine.has_work and engine.num_active == 0
+
+
+def test_auto_rows_choose_their_k_each_round_and_stay_exact(default_pair):
+    """num_draft_tokens="auto" rows (the engine's controller picks one k a round for all
+    of them) beside a fixed-k row: every row equals plain single-stream decoding, and the
+    auto rows' statistics show the rounds they ran at each k."""
+    target, tokenizer, drafter = default_pair
+    ids = tokenizer.encode("class Stack:\n    def __init__(self):\n        self.items = []\n")
+    prompts = [ids, ids[:9], ids[4:]]
+    engine = BatchEngine(target, tokenizer, drafter, num_draft_tokens="auto")
+    uids = [engine.insert(prompts[0], max_tokens=90), engine.insert(prompts[1], max_tokens=70),
+            engine.insert(prompts[2], max_tokens=80, num_draft_tokens=3)]
+    tokens, stats = {}, {}
+    while engine.has_work:
+        for e in engine.step():
+            tokens.setdefault(e.uid, []).extend(e.tokens)
+            if e.stats:
+                stats[e.uid] = e.stats
+    for uid, prompt, n in zip(uids, prompts, (90, 70, 80)):
+        assert tokens[uid] == [r.token for r in stream_generate(target, tokenizer, prompt, max_tokens=n)]
+    for uid in uids[:2]:
+        s = stats[uid]
+        assert s.auto and s.num_draft_tokens == 8 and sum(s.rounds_by_k) == s.rounds
+        assert sum(n > 0 for n in s.rounds_by_k) >= 2 and s.mean_accepted_length > 1.5
+    assert not stats[uids[2]].auto and stats[uids[2]].num_draft_tokens == 3
 
 
 def test_rows_joining_and_leaving_on_a_fixture_pair(mlx_pairs):
@@ -221,7 +246,7 @@ def test_sliding_caches_stay_bounded_and_removed_rows_free_memory(mlx_pairs):
     assert sliding and all(isinstance(c, RaggedKVCache) for c in engine.cache)
     for c in sliding:
         assert c.rows == 3 and min(c.lengths) >= 10 * WINDOW
-        assert c.capacity <= WINDOW + 1 + max(k + 1, c.step)  # window + draft slack, per row
+        assert c.capacity <= WINDOW + 1 + RESERVE + max(k + 1, c.step)  # window + draft slack, per row
     before = sum(c.nbytes for c in engine.cache)
     engine.remove(uids[0])
     after_one = sum(c.nbytes for c in engine.cache)

@@ -162,6 +162,12 @@ def test_per_request_options_equal_the_api(server):
     text, _ = streamed(server.client.completions.create(model="any", prompt=PROMPT, max_tokens=24, stream=True,
                                                         extra_body=extra))
     assert text == expected
+    plain = generate(model, tokenizer, PROMPT, max_tokens=24)
+    auto = server.client.completions.create(model="any", prompt=PROMPT, max_tokens=24,
+                                            extra_body=dict(num_draft_tokens="auto"))
+    assert auto.choices[0].text == plain
+    speculative = auto.usage.model_extra["speculative"]
+    assert speculative["num_draft_tokens"] == "auto" and speculative["rounds"] >= 1
 
 
 def test_chat_completions_equal_generate_streamed_or_not(chat_server, pairs):
@@ -379,6 +385,7 @@ BAD_REQUESTS = [
     ("/v1/completions", dict(prompt="x", repetition_penalty=0), 400, "repetition_penalty"),
     ("/v1/completions", dict(prompt="x", num_draft_tokens=0), 400, "num_draft_tokens"),
     ("/v1/completions", dict(prompt="x", num_draft_tokens=99), 400, "num_draft_tokens"),
+    ("/v1/completions", dict(prompt="x", num_draft_tokens="fast"), 400, "num_draft_tokens"),
     ("/v1/completions", dict(prompt="x", logprobs=99), 400, "logprobs"),
     ("/v1/completions", dict(prompt="x", n=2), 400, "n"),
     ("/v1/completions", dict(prompt="x", stop=[""]), 400, "stop"),

@@ -8,6 +8,7 @@ import pytest
 from conftest import PAIRS, WINDOW, OracleDrafter, eos_tokens, full_length_state, prompt_of
 from hf_reference import hf_draft_step
 from gemma_mtp_mlx import SpeculativeStats, stream_generate
+from gemma_mtp_mlx.speculative import Round
 
 
 def run(pair, prompt, k, max_tokens=60, **kwargs):
@@ -102,5 +103,9 @@ def test_merged_stats_count_every_round_of_both_runs(mlx_pairs):
     seconds = sum(s.generation_tokens / s.generation_tps for s in runs)
     assert merged.generation_tps == pytest.approx(60 / seconds)
     assert merged.peak_memory == max(s.peak_memory for s in runs)
-    with pytest.raises(ValueError, match="one draft length"):
-        runs[0].merge(SpeculativeStats.empty(4))
+    wider = SpeculativeStats.empty(5)  # runs of different k: per-position counts line up from the first
+    wider.record(Round(0, [1, 2, 3, 4, 5], 4, [1, 2, 3, 4, 6], [0.0] * 5))
+    mixed = merged.merge(wider)
+    assert mixed.num_draft_tokens == 5 and mixed.rounds == merged.rounds + 1
+    assert mixed.drafted_by_position == [n + 1 for n in merged.drafted_by_position] + [1, 1]
+    assert mixed.accepted_by_position == [n + 1 for n in merged.accepted_by_position] + [1, 0]

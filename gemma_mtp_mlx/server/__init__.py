@@ -11,6 +11,7 @@ DEFAULT_PROMPT_CACHE_BYTES = 1 << 30
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli import draft_tokens  # the CLI imports this module
     parser.add_argument("--model", default=None,
                         help="target: local directory (a converted pair brings its drafter) or Hub repo id; "
                              "unset: the tiny Python-code pair that ships with the package")
@@ -18,8 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-draft", action="store_true", help="plain target decoding, for comparison")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8080, help="port to listen on")
-    parser.add_argument("--num-draft-tokens", type=int, default=None,
-                        help="tokens drafted per round unless a request says; unset: the drafter's "
+    parser.add_argument("--num-draft-tokens", type=draft_tokens, default=None,
+                        help="tokens drafted per round unless a request says, or auto: chosen each round "
+                             "from the acceptance and round times measured so far; unset: the drafter's "
                              "num_assistant_tokens, else 4")
     parser.add_argument("--max-batch-size", type=int, default=8,
                         help="most requests generating at once; more wait for a free row")

@@ -4,7 +4,7 @@ import asyncio
 import json
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, List, Optional
+from typing import AsyncIterator, List, Optional, Union
 
 import mlx.core as mx
 import uvicorn
@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from mlx_lm.sample_utils import make_logits_processors
 from starlette.exceptions import HTTPException
 
+from ..adaptive import AUTO
 from ..batch import BatchEngine
 from ..generate import encode_prompt
 from ..loading import DEFAULT_MODEL, load
@@ -33,7 +34,7 @@ class Served:
     tokenizer: object
     max_context: int
     vocab_size: int
-    num_draft_tokens: int  # the server's default per request; 0 without a drafter
+    num_draft_tokens: Union[int, str]  # the server's default per request ("auto" or k); 0 without a drafter
     max_tokens: int  # per request, when it does not say
 
 
@@ -350,8 +351,9 @@ def metrics_text(worker: Worker) -> str:
 def check_args(args) -> None:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    if args.num_draft_tokens is not None and not 1 <= args.num_draft_tokens <= MAX_NUM_DRAFT_TOKENS:
-        raise ValueError(f"--num-draft-tokens must be in [1, {MAX_NUM_DRAFT_TOKENS}], got {args.num_draft_tokens}")
+    k = args.num_draft_tokens
+    if k is not None and k != AUTO and not 1 <= k <= MAX_NUM_DRAFT_TOKENS:
+        raise ValueError(f"--num-draft-tokens must be in [1, {MAX_NUM_DRAFT_TOKENS}] or auto, got {k}")
     for name in ("max_batch_size", "max_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")

@@ -2,7 +2,7 @@
 
 import time
 import uuid
-from typing import List, Literal, Optional, Union
+from typing import Annotated, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,7 +34,8 @@ class GenerationFields(BaseModel):
     repetition_penalty: Optional[float] = Field(None, gt=0)
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    num_draft_tokens: Optional[int] = Field(None, ge=1, le=MAX_NUM_DRAFT_TOKENS)
+    num_draft_tokens: Union[Literal["auto"], Annotated[int, Field(ge=1, le=MAX_NUM_DRAFT_TOKENS)], None] = Field(
+        None, description="drafts per round, or auto: chosen each round from what the server measures")
     n: int = Field(1, ge=1, le=1, description="one choice per request")
 
     def stop_strings(self) -> List[str]:

@@ -13,7 +13,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
 
@@ -46,26 +46,24 @@ class Delta:
 class SpeculationTally:
     """Rounds, drafts and acceptance by position, counted from the row's events."""
 
-    def __init__(self, num_draft_tokens: int):
+    def __init__(self, num_draft_tokens: Union[int, str]):
         self.k = num_draft_tokens
         self.rounds = 0
         self.accepted = 0
         self.drafted = 0
-        self.accepted_by_position = [0] * num_draft_tokens
-        self.drafted_by_position = [0] * num_draft_tokens
+        self.accepted_by_position: List[int] = []
+        self.drafted_by_position: List[int] = []
 
-    def add(self, from_draft: List[bool], first: bool) -> None:
-        if first:  # the first token comes from the prompt's logits, not from a round
-            from_draft = from_draft[1:]
+    def add(self, event: RowEvent, first: bool) -> None:
+        from_draft = event.from_draft[1:] if first else event.from_draft  # the first token: the prompt's
         if not from_draft or not self.k:
             return
-        accepted = sum(from_draft)
-        drafted = self.k if not from_draft[-1] else accepted  # a round cut at a stop drafted what it kept
+        accepted, drafted = sum(from_draft), event.drafted
         self.rounds += 1
         self.accepted += accepted
         self.drafted += drafted
         for i in range(drafted):
-            if i == len(self.drafted_by_position):  # an engine that drafted more than asked
+            if i == len(self.drafted_by_position):  # positions appear as rounds reach them (auto: k varies)
                 self.drafted_by_position.append(0)
                 self.accepted_by_position.append(0)
             self.drafted_by_position[i] += 1
@@ -112,7 +110,7 @@ class Job:
         when the row finished or a stop string ended it."""
         if event.cached_tokens is not None:
             self.cached_tokens = event.cached_tokens
-        self.tally.add(event.from_draft, first=self.completion_tokens == 0)
+        self.tally.add(event, first=self.completion_tokens == 0)
         finish, cut = None, False
         tops = event.top_logprobs or [[]] * len(event.tokens)
         for token, logprob, top in zip(event.tokens, event.logprobs, tops):
