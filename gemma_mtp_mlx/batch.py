@@ -382,7 +382,9 @@ class BatchEngine:
         """Leave row `index` of `cache`, which holds `tokens`, in the prompt cache."""
         if self.prompt_cache is None:
             return
-        self.prompt_cache.store(tokens, single_stream([c.select([index]) for c in cache]))
+        entry = single_stream([c.select([index]) for c in cache])
+        mx.eval([(c.keys, c.values) for c in entry if c.keys is not None])  # lazy, it would hold the whole batch's
+        self.prompt_cache.store(tokens, entry)
 
     def _draft(self, rows: List[_Row], groups: _Groups, K: int, draw_keys: List[mx.array]):
         """K drafts per row, each at its row's own position over its own verified K/V:

@@ -2,7 +2,9 @@
 
 For each batch size B the same B prompts run through mlx-lm's own `batch_generate` (its
 `BatchGenerator`, plain decoding of the same target), our `BatchEngine` without a drafter,
-and our engine with the drafter for each k; greedy, interleaved repeats (every
+our engine with the drafter for each k, and single-stream speculative decoding of the B
+prompts one after another (the first k; what a server without batching does, and at B = 1
+the single-stream path the engine must not be slower than); greedy, interleaved repeats (every
 configuration once per repeat, alternating direction). Aggregate tokens/s is all rows'
 generated tokens over the wall time of the whole batch, prefill included.
 """
@@ -14,7 +16,9 @@ from typing import Callable, List, Optional, Sequence
 import mlx.core as mx
 import mlx_lm
 
+from .adaptive import AUTO
 from .batch import batch_generate
+from .generate import stream_generate
 
 
 def _run(config: str, target, tokenizer, drafter, prompts: List[List[int]], max_tokens: int):
@@ -23,11 +27,19 @@ def _run(config: str, target, tokenizer, drafter, prompts: List[List[int]], max_
     if config == "mlx-lm":
         out = mlx_lm.batch_generate(target.model, tokenizer, prompts, max_tokens=max_tokens, return_token_ids=True)
         return sum(map(len, out.token_ids)), time.perf_counter() - tic, None
-    k = None if config == "plain" else int(config[2:])
+    k = None if config == "plain" else _draft_length(config.split("=")[1])
+    if config.startswith("one at a time"):
+        out = [[r.token for r in stream_generate(target, tokenizer, p, draft_model=drafter, num_draft_tokens=k,
+                                                 max_tokens=max_tokens)] for p in prompts]
+        return sum(map(len, out)), time.perf_counter() - tic, None
     out = batch_generate(target, tokenizer, prompts, draft_model=drafter if k else None, num_draft_tokens=k,
                          max_tokens=max_tokens, return_token_ids=True)
     seconds = time.perf_counter() - tic
     return sum(map(len, out.token_ids)), seconds, out.pooled_stats.mean_accepted_length if k else None
+
+
+def _draft_length(text: str):
+    return text if text == AUTO else int(text)
 
 
 def run_batch_benchmark(target, tokenizer, drafter, prompts: List[List[int]], *, batch_sizes: Sequence[int],
@@ -37,7 +49,7 @@ def run_batch_benchmark(target, tokenizer, drafter, prompts: List[List[int]], *,
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"--batch-sizes must be positive integers, got {list(batch_sizes)}")
     report = progress or (lambda line: None)
-    configs = ["mlx-lm", "plain"] + [f"k={k}" for k in ks]
+    configs = ["mlx-lm", "plain"] + [f"k={k}" for k in ks] + [f"one at a time k={ks[0]}"] * bool(ks)
     batches = {B: [prompts[i % len(prompts)] for i in range(B)] for B in batch_sizes}
     report("warming up")
     for config in configs:

@@ -105,3 +105,21 @@ def test_options_parse_with_their_defaults_and_bad_input_is_a_clear_error(mlx_pa
         bench.run_benchmark(target, tokenizer, None, ["hi"])
     with pytest.raises(ValueError, match="draft lengths"):
         bench.run_benchmark(target, tokenizer, drafter, ["hi"], ks=(0, 2))
+
+
+def test_batch_benchmark_reports_every_batch_size_and_configuration(mlx_pairs):
+    from gemma_mtp_mlx.batch_bench import batch_markdown_table, run_batch_benchmark
+
+    target, tokenizer, drafter = mlx_pairs["e2b"]
+    prompts = [tokenizer.encode(p) for p in ("hello world", "def f(x):", "import os")]
+    result = run_batch_benchmark(target, tokenizer, drafter, prompts, batch_sizes=[1, 3], ks=[2, "auto"],
+                                 max_tokens=5, repeats=1)
+    configs = ["mlx-lm", "plain", "k=2", "k=auto", "one at a time k=2"]
+    assert [(r["batch_size"], r["config"]) for r in result["rows"]] == [(B, c) for B in (1, 3) for c in configs]
+    for r in result["rows"]:
+        assert r["tokens_per_s"] > 0 and (r["config"] != "mlx-lm" or r["ratio"] == 1)
+        assert (r["mean_accepted_length"] is not None) == r["config"].startswith("k=")
+    assert result["settings"]["prompt_tokens"] == [len(p) for p in prompts]
+    assert batch_markdown_table(result).count("\n") == 1 + len(result["rows"])
+    with pytest.raises(ValueError, match="batch-sizes"):
+        run_batch_benchmark(target, tokenizer, drafter, prompts, batch_sizes=[0], ks=[2])

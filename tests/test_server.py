@@ -369,9 +369,12 @@ def test_sixteen_concurrent_streams_equal_their_sequential_answers(server):
     assert after.get(cancelled, 0) == before.get(cancelled, 0) + 1  # the killed stream's row was freed
     served = sum(v for k, v in after.items() if k.startswith("gemma_mtp_requests_total"))
     assert served - sum(v for k, v in before.items() if k.startswith("gemma_mtp_requests_total")) == 17
-    # Memory: what is in use beyond the prompt cache's entries is back to the idle level.
-    in_use = after["gemma_mtp_memory_active_bytes"] - after["gemma_mtp_prompt_cache_bytes"]
-    assert in_use <= after["gemma_mtp_memory_idle_bytes"] + 1e6
+    # Memory: what is in use beyond the prompt cache's entries is back to where it was before
+    # the burst (the cache was full then too: its entries' allocations cost more than their
+    # bytes at these tiny sizes, so the idle level itself is out of reach while it holds them).
+    in_use = [m["gemma_mtp_memory_active_bytes"] - m["gemma_mtp_prompt_cache_bytes"] for m in (before, after)]
+    assert before["gemma_mtp_prompt_cache_entries"] == after["gemma_mtp_prompt_cache_entries"]
+    assert in_use[1] <= in_use[0] + 1e6
 
 
 BAD_REQUESTS = [
