@@ -3,8 +3,8 @@
 Greedy token equality (test_batch.py) cannot show a wrong drafter input in the batch: the
 fixture drafters are random, their drafts are rejected whatever they saw, and rejection
 keeps the output exact. Here every draft step of every row in `BatchEngine` is compared,
-as log-probabilities, with the single-stream drafter (`Drafter.draft` over
-`Target.drafter_kv` of a cache prefilled with the row's verified tokens) fed the same
+as log-probabilities, with the single-stream draft (`speculative.draft`: `Drafter.draft`
+over `Target.drafter_kv` of a cache holding the row's verified tokens) fed the same
 newest token and the same drafts: the drafter's position P, its window of the target's
 sliding-layer K/V (the last `window + 1` verified positions) and its full-attention K/V.
 Rows start just below, at and just past the sliding window, and past 3x the window.
@@ -17,7 +17,8 @@ import pytest
 from conftest import PAIRS, Pair, eos_tokens, prompt_of
 from gemma_mtp_mlx import load
 from gemma_mtp_mlx.batch import BatchEngine
-from gemma_mtp_mlx.speculative import prefill
+from gemma_mtp_mlx.sampling import Sampling
+from gemma_mtp_mlx.speculative import RoundInput, draft, prefill
 
 K = 3
 ROUNDS = 3
@@ -75,6 +76,23 @@ def batched_draft_steps(pair, prompts):
     return rounds
 
 
+class GivenDrafts:
+    """The real drafter, made to draft the given tokens (the batch's drafts) while
+    returning its own log q at each step."""
+
+    def __init__(self, drafter, drafts):
+        self.drafter = drafter
+        self.drafts = drafts
+
+    def draft(self, embed, token, hidden, position, shared_kv, num_tokens, sample=None):
+        given = iter(self.drafts)
+
+        def take_given_draft(tokens, logits):
+            return mx.array([next(given)], dtype=mx.uint32), log_softmax(logits)
+
+        return self.drafter.draft(embed, token, hidden, position, shared_kv, num_tokens, take_given_draft)
+
+
 class SingleStreamRow:
     """One row as single-stream decoding holds it: a cache of its verified tokens, grown
     round by round as `speculative.generate_rounds` grows it."""
@@ -86,19 +104,15 @@ class SingleStreamRow:
 
     def log_q(self, sequence, drafts):
         """The drafter's log q [K, vocab] after `sequence`'s last token (its position
-        P = len(sequence) - 1, every earlier token verified), fed `drafts`."""
-        target, drafter = self.pair.target, self.pair.drafter
+        P = len(sequence) - 1, every earlier token verified), fed `drafts`, through the
+        single-stream draft (`speculative.draft`)."""
         new = mx.array(sequence[self.verified : -1], dtype=mx.uint32)
-        _, hidden = prefill(target, new, self.cache)
+        _, hidden = prefill(self.pair.target, new, self.cache)
         self.verified = len(sequence) - 1
-        given = iter(drafts.tolist())
-
-        def take_given_draft(tokens, logits):
-            return mx.array([next(given)], dtype=mx.uint32), log_softmax(logits)
-
-        token = mx.array(sequence[-1:], dtype=mx.uint32)
-        _, log_q = drafter.draft(target.embed, token, hidden, self.verified, target.drafter_kv(self.cache), K,
-                                 sample=take_given_draft)
+        history = mx.array(sequence[:-1], dtype=mx.uint32)
+        start = RoundInput(mx.array(sequence[-1:], dtype=mx.uint32), hidden, self.verified, history)
+        drafter = GivenDrafts(self.pair.drafter, drafts.tolist())
+        _, log_q = draft(self.pair.target, drafter, self.cache, Sampling(), start, K)
         return np.array(log_q)
 
 
@@ -109,7 +123,8 @@ def around_the_window(window: int):
 
 
 def check_every_draft_step(pair, prompts):
-    """Returns each row's position at each round [ROUNDS, rows]."""
+    """Compare every draft step of every row, batched and single-stream; return each
+    row's position at each round [ROUNDS, rows]."""
     rows = [SingleStreamRow(pair) for _ in prompts]
     rounds = batched_draft_steps(pair, prompts)
     for r, row_states in enumerate(rounds):
