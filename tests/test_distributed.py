@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# E2B-like (per-layer inputs, KV sharing), 31B-like (K=V, global K/V heads), 26B-like MoE.
-SPLIT_PAIRS = ["e2b", "dense", "moe"]
+# E2B-like (per-layer inputs, KV sharing), 31B-like (K=V, global K/V heads), 26B-like MoE,
+# and the 12B family (gemma4_unified: multimodal layout, and its text config as transformers saves it).
+SPLIT_PAIRS = ["e2b", "dense", "moe", "unified", "unified_text"]
 
 WINDOW = 16
 MAX_TOKENS = 3 * WINDOW + 12  # past 3x the sliding window
