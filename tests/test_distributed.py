@@ -100,6 +100,19 @@ def test_ranks_that_cannot_split_the_heads_are_refused_with_a_clear_error(pairs)
     assert "cannot split" in done.stderr and "4 query heads" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_bench_under_a_launch_measures_on_every_rank_and_reports_once_with_the_rank_count(pairs, tmp_path):
+    target, assistant = pairs["dense"]
+    (tmp_path / "prompts.txt").write_text("hello world\n")
+    done = launch(2, "-m", "gemma_mtp_mlx", "bench", "--model", target, "--draft-model", assistant,
+                  "--prompts", tmp_path / "prompts.txt", "--ks", "2", "--temps", "0", "--max-tokens", "8",
+                  "--repeats", "1", "--out", tmp_path / "out", timeout=300)
+    assert done.stdout.count("wrote ") == 1 and done.stdout.count("| k=2 t=0 |") == 1, done.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bench.json", "bench.md"]
+    result = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert result["machine"]["ranks"] == 2 and result["exactness"]["ok"]
+    assert "- ranks: 2 (tensor-parallel" in (tmp_path / "out" / "bench.md").read_text()
+
+
 def test_a_rank_that_dies_mid_generation_ends_the_run_with_a_clear_error(pairs, tmp_path):
     target, assistant = pairs["e2b"]
     child = subprocess.Popen(
