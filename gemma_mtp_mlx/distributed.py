@@ -151,7 +151,7 @@ def shard_drafter(drafter: Drafter, target: Target, group) -> None:
 
 
 def load_sharded(path_or_repo=None, draft_model=None, *, no_draft: bool = False, group=None):
-    """`load()` for a tensor-parallel run: (model, tokenizer, drafter or None).
+    """`load()` split over `group` (whole on a group of one): (model, tokenizer, drafter or None).
 
     The target is loaded lazily and split before its weights are read, so each rank
     materialises only its own slice of the split layers (plus the replicated ones).
@@ -159,9 +159,9 @@ def load_sharded(path_or_repo=None, draft_model=None, *, no_draft: bool = False,
     from .loading import load
 
     group = group or world()
-    target, tokenizer, drafter = load(path_or_repo, draft_model, lazy=True)
+    target, tokenizer, drafter = load(path_or_repo, None if no_draft else draft_model, lazy=True)
     if no_draft:
-        drafter = None
+        drafter = None  # a converted pair's own drafter, never read
     if drafter is not None:
         shard_drafter(drafter, target, group)
         mx.eval(drafter.parameters())
@@ -171,17 +171,13 @@ def load_sharded(path_or_repo=None, draft_model=None, *, no_draft: bool = False,
 
 
 def load_pair(path_or_repo=None, draft_model=None, *, no_draft: bool = False):
-    """(model, tokenizer, drafter or None) for a command run on this process's main thread:
-    loaded whole by a lone process; under `mlx.launch` split over the ranks, with only
-    rank 0 printing and every rank ending when another one dies."""
-    from .loading import load
-
+    """(model, tokenizer, drafter or None) for a command, on the main thread: split over the
+    ranks under `mlx.launch`, with only rank 0 printing and every rank ending when another
+    one dies; whole in a lone process."""
     group = world()
-    if group.size() == 1:
-        model, tokenizer, drafter = load(path_or_repo, None if no_draft else draft_model)
-        return model, tokenizer, None if no_draft else drafter
-    quiet_other_ranks(group)
-    exit_when_terminated(group)
+    if group.size() > 1:
+        quiet_other_ranks(group)
+        exit_when_terminated(group)
     return load_sharded(path_or_repo, draft_model, no_draft=no_draft, group=group)
 
 

@@ -4,13 +4,20 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import openai
 import pytest
+
+from gemma_mtp_mlx import generate, load
 
 # E2B-like (per-layer inputs, KV sharing), 31B-like (K=V, global K/V heads), 26B-like MoE,
 # and the 12B family (gemma4_unified: multimodal layout, and its text config as transformers saves it).
@@ -111,6 +118,55 @@ def test_bench_under_a_launch_measures_on_every_rank_and_reports_once_with_the_r
     result = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert result["machine"]["ranks"] == 2 and result["exactness"]["ok"]
     assert "- ranks: 2 (tensor-parallel" in (tmp_path / "out" / "bench.md").read_text()
+
+
+def test_serve_under_a_launch_answers_like_single_process_generate_and_stops_cleanly(pairs, tmp_path):
+    target, assistant = pairs["dense"]
+    prompts, max_tokens = ["hello there", "the quick brown fox"], 3 * WINDOW + 4
+    model, tokenizer, drafter = load(target, draft_model=assistant)
+    expected = [generate(model, tokenizer, p, draft_model=drafter, max_tokens=max_tokens) for p in prompts]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w+")
+    child = subprocess.Popen(
+        [str(LAUNCH), "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "gemma_mtp_mlx", "serve",
+         "--model", str(target), "--draft-model", str(assistant), "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, text=True, env=ENV, start_new_session=True)
+    try:
+        wait_until_healthy(child, port, log)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+
+        def complete(prompt, stream=False):
+            reply = client.completions.create(model="m", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                              stream=stream)
+            return "".join(c.choices[0].text for c in reply if c.choices) if stream else reply.choices[0].text
+
+        assert [complete(p) for p in prompts] == expected
+        with ThreadPoolExecutor(2) as pool:  # two rows in one batch, on both ranks
+            assert list(pool.map(lambda p: complete(p, stream=True), prompts)) == expected
+        os.kill(rank_pid(0), signal.SIGTERM)  # as a service manager stops a server
+        child.wait(timeout=60)
+        log.seek(0)
+        output = log.read()
+        assert "Traceback" not in output and "error" not in output and "was killed" not in output, output[-3000:]
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+
+
+def wait_until_healthy(child, port: int, log, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert child.poll() is None, open(log.name).read()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"the server did not become ready: {open(log.name).read()[-3000:]}")
 
 
 def test_a_rank_that_dies_mid_generation_ends_the_run_with_a_clear_error(pairs, tmp_path):
