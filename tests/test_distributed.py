@@ -16,8 +16,11 @@ from pathlib import Path
 import numpy as np
 import openai
 import pytest
+from mlx_lm.sample_utils import make_logits_processors
 
 from gemma_mtp_mlx import generate, load
+from gemma_mtp_mlx.batch import BatchEngine
+from gemma_mtp_mlx.generate import encode_prompt
 
 # E2B-like (per-layer inputs, KV sharing), 31B-like (K=V, global K/V heads), 26B-like MoE,
 # and the 12B family (gemma4_unified: multimodal layout, and its text config as transformers saves it).
@@ -125,6 +128,10 @@ def test_serve_under_a_launch_answers_like_single_process_generate_and_stops_cle
     prompts, max_tokens = ["hello there", "the quick brown fox"], 3 * WINDOW + 4
     model, tokenizer, drafter = load(target, draft_model=assistant)
     expected = [generate(model, tokenizer, p, draft_model=drafter, max_tokens=max_tokens) for p in prompts]
+    # sampled, with a penalty: every rank must draw with the same seed and rebuild the penalty (the
+    # reference is a lone engine: its rows draw differently from generate's)
+    expected_sampled = lone_engine_text(model, tokenizer, drafter, prompts[0], max_tokens=max_tokens, temp=1.0,
+                                        seed=7, logits_processors=make_logits_processors(repetition_penalty=1.3))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -137,22 +144,34 @@ def test_serve_under_a_launch_answers_like_single_process_generate_and_stops_cle
         wait_until_healthy(child, port, log)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
 
-        def complete(prompt, stream=False):
-            reply = client.completions.create(model="m", prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                              stream=stream)
+        def complete(prompt, stream=False, temperature=0, **extra):
+            reply = client.completions.create(model="m", prompt=prompt, max_tokens=max_tokens, stream=stream,
+                                              temperature=temperature, extra_body=extra)
             return "".join(c.choices[0].text for c in reply if c.choices) if stream else reply.choices[0].text
 
         assert [complete(p) for p in prompts] == expected
+        assert complete(prompts[0], temperature=1.0, seed=7, repetition_penalty=1.3) == expected_sampled
         with ThreadPoolExecutor(2) as pool:  # two rows in one batch, on both ranks
             assert list(pool.map(lambda p: complete(p, stream=True), prompts)) == expected
         os.kill(rank_pid(0), signal.SIGTERM)  # as a service manager stops a server
         child.wait(timeout=60)
         log.seek(0)
         output = log.read()
-        assert "Traceback" not in output and "error" not in output and "was killed" not in output, output[-3000:]
+        # rank 1 ended when rank 0 told it to (rank 0 ends as uvicorn does on SIGTERM)
+        assert "Traceback" not in output and "error" not in output and "rank 1" not in output, output[-3000:]
     finally:
         if child.poll() is None:
             os.killpg(child.pid, signal.SIGKILL)
+
+
+def lone_engine_text(model, tokenizer, drafter, prompt: str, **options) -> str:
+    """What a single-process server's engine generates for one request."""
+    engine = BatchEngine(model, tokenizer, drafter)
+    engine.insert(encode_prompt(tokenizer, prompt).tolist(), **options)
+    tokens = []
+    while engine.has_work:
+        tokens += [t for event in engine.step() for t in event.tokens]
+    return tokenizer.decode(tokens)
 
 
 def wait_until_healthy(child, port: int, log, seconds: float = 300) -> None:
