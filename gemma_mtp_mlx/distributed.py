@@ -201,11 +201,16 @@ def broadcast_json(message, group):
     return json.loads(bytes(received.tolist()).decode())
 
 
+def random_seed() -> int:
+    """A fresh sampling seed, for a run or request that gave none."""
+    return int.from_bytes(os.urandom(3), "little")
+
+
 def shared_seed(seed: Optional[int], group) -> Optional[int]:
     """The same sampling seed on every rank: `seed`, or one drawn on rank 0 and sent to all."""
     if group.size() == 1 or seed is not None:
         return seed
-    mine = int.from_bytes(os.urandom(3), "little") if group.rank() == 0 else 0
+    mine = random_seed() if group.rank() == 0 else 0
     return int(mx.distributed.all_sum(mx.array(mine), group=group).item())
 
 

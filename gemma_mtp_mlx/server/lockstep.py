@@ -23,10 +23,6 @@ from .worker import Worker, insert_request
 STOP = ["stop"]  # the last operation rank 0 sends: its server shut down
 
 
-def draw_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little") % 2**31
-
-
 class LockstepWorker(Worker):
     """Rank 0's generation thread: a `Worker` whose engine operations also reach the other ranks."""
 
@@ -37,7 +33,7 @@ class LockstepWorker(Worker):
 
     def insert_row(self, prompt: List[int], request: dict) -> int:
         if request["seed"] is None:
-            request = dict(request, seed=draw_seed())
+            request = dict(request, seed=distributed.random_seed())
         uid = super().insert_row(prompt, request)  # a refused request raises here: nothing to send
         self.operations.append(["insert", prompt, request])
         return uid

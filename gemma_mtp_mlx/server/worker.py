@@ -29,7 +29,7 @@ def insert_request(engine, prompt: List[int], request: dict) -> int:
     (`BatchEngine.insert`'s options, with the penalties in place of logits processors,
     which are built here), so another rank can replay it exactly."""
     options = {name: value for name, value in request.items() if name not in PENALTIES}
-    processors = make_logits_processors(**{name: request[name] for name in PENALTIES})
+    processors = make_logits_processors(**{name: request.get(name) for name in PENALTIES})
     return engine.insert(prompt, logits_processors=processors, **options)
 
 
