@@ -28,6 +28,7 @@ SPLIT_PAIRS = ["e2b", "dense", "moe", "unified", "unified_text"]
 
 WINDOW = 16
 MAX_TOKENS = 3 * WINDOW + 12  # past 3x the sliding window
+RUNS_SECONDS = 900  # each of the two runs of every pair (measured: about 300 s on a busy 2-core host)
 NEAR_TIE = 1e-4  # all-reduce sums in another order: only a top-2 gap below this may flip
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
@@ -55,9 +56,9 @@ def runs(pairs, tmp_path_factory):
         (root / str(n)).mkdir()
         if n == 1:
             done = subprocess.run([sys.executable, WORKER, root / "spec.json", root / "1"], capture_output=True,
-                                  text=True, timeout=600, env=ENV)
+                                  text=True, timeout=RUNS_SECONDS, env=ENV)
         else:
-            done = launch(2, WORKER, root / "spec.json", root / "2")
+            done = launch(2, WORKER, root / "spec.json", root / "2", timeout=RUNS_SECONDS)
         assert done.returncode == 0, done.stderr[-3000:]
         out[n] = [json.loads((root / str(n) / f"rank{r}.json").read_text()) for r in range(n)]
     return out
