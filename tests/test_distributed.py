@@ -28,7 +28,7 @@ SPLIT_PAIRS = ["e2b", "dense", "moe", "unified", "unified_text"]
 
 WINDOW = 16
 MAX_TOKENS = 3 * WINDOW + 12  # past 3x the sliding window
-RUNS_SECONDS = 900  # each of the two runs of every pair (measured: about 300 s on a busy 2-core host)
+RUNS_SECONDS = 900  # per run (one process, then two ranks); measured: both together 600 s on a busy 2-core host
 NEAR_TIE = 1e-4  # all-reduce sums in another order: only a top-2 gap below this may flip
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
