@@ -30,11 +30,11 @@ import mlx_lm
 from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 
-from . import shapes, timeline
+from . import distributed, shapes, timeline
 from .adaptive import AUTO, AUTO_MAX_DRAFT_TOKENS, round_cost
 from .cache import rollback_cache
 from .generate import chat_prompt, encode_prompt, stream_generate
-from .loading import DEFAULT_MODEL, DEFAULT_PROMPTS_FILE, as_target, load
+from .loading import DEFAULT_MODEL, DEFAULT_PROMPTS_FILE, as_target
 from .selfcheck import exactness_check
 from .stats import SpeculativeStats
 
@@ -293,6 +293,7 @@ def machine_info() -> dict:
         mlx_lm=mlx_lm.__version__,
         device=str(mx.default_device()),
         blas=blas_info(),
+        ranks=distributed.world().size(),  # > 1: tensor-parallel under mlx.launch
     )
 
 
@@ -412,6 +413,8 @@ def markdown_report(result: dict) -> str:
         f"- machine: {m['platform']}, {m['processor']}, {m['cpu_count']} CPUs; "
         f"mlx {m['mlx']} on {m['device']}, mlx-lm {m['mlx_lm']}",
         f"- BLAS: {m['blas']['name']}" + (f" `{m['blas']['library']}`" if m["blas"]["library"] else ""),
+        f"- ranks: {m['ranks']}" + (" (tensor-parallel over mlx.distributed; parameters and peak memory are "
+                                    "rank 0's)" if m["ranks"] > 1 else ""),
         f"- model: {_describe(result['model'])}",
         f"- drafter: {_describe(result['draft_model'])}",
         f"- command: `{result['command']}`",
@@ -545,13 +548,17 @@ def run(args: argparse.Namespace) -> None:
     """Benchmark as `args` say, write the reports, print the table (and the best k with --auto)."""
     if args.shapes and args.profile:
         raise ValueError("--shapes and --profile are separate measurements: give one of them")
+    if distributed.world().size() > 1 and (args.shapes or args.profile or args.batch_sizes):
+        raise ValueError("--shapes, --profile and --batch-sizes measure one process: run them without "
+                         "mlx.launch (under it, bench measures the split pair's plain and speculative decoding)")
     if args.shapes:
         return run_shapes(args)
     if args.prompts:
         texts = read_prompts(args.prompts)
     else:
         texts = read_prompts(DEFAULT_PROMPTS_FILE) if args.model is None else DEFAULT_PROMPTS
-    model, tokenizer, drafter = load(args.model, args.draft_model)
+    distributed.refuse_adaptive_k(args.ks, "--ks")
+    model, tokenizer, drafter = distributed.load_pair(args.model, args.draft_model)
     if drafter is None:
         raise ValueError(f"{args.model} has no drafter: pass --draft-model (its gemma4_assistant checkpoint)")
     if args.profile:
@@ -572,6 +579,8 @@ def run(args: argparse.Namespace) -> None:
     )
     if args.auto:
         result["best"] = best_k(result, args.temps[0])
+    if not distributed.is_rank_zero():  # every rank measured (the model work is collective); rank 0 reports
+        return
     json_path, md_path = write_reports(result, args.out)
     print(markdown_table(result))
     print(f"wrote {json_path} and {md_path}")

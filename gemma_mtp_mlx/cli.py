@@ -14,7 +14,6 @@ from . import bench, chat, convert, distributed, selfcheck, server, train_drafte
 from .adaptive import AUTO
 from .checkpoint import CheckpointError
 from .generate import chat_prompt, stream_generate
-from .loading import load
 from .sampling import DRAFT_MODES
 from .validate import check_penalties, check_text, decode_text
 
@@ -163,16 +162,10 @@ def run_generate(args) -> None:
 def load_pair(args):
     """The model and drafter `args` name; split over the ranks when started by `mlx.launch`
     (then only rank 0 prints, and every rank samples with the same seed)."""
-    group = distributed.world()
-    if group.size() > 1:
-        distributed.quiet_other_ranks(group)
-        distributed.exit_when_terminated(group)
-        args.seed = distributed.shared_seed(args.seed, group)
-        return distributed.load_sharded(args.model, args.draft_model, no_draft=args.no_draft, group=group)
-    if args.no_draft:
-        model, tokenizer, _ = load(args.model)
-        return model, tokenizer, None
-    return load(args.model, args.draft_model)
+    distributed.refuse_adaptive_k([args.num_draft_tokens], "--num-draft-tokens")
+    pair = distributed.load_pair(args.model, args.draft_model, no_draft=args.no_draft)
+    args.seed = distributed.shared_seed(args.seed, distributed.world())
+    return pair
 
 
 def run_chat(args) -> None:

@@ -24,6 +24,7 @@ How each piece is split over N ranks (mlx's sharded linear layers):
   draft step is latency-bound and each all-reduce costs a round trip between the Macs.
 """
 
+import json
 import os
 import signal
 import sys
@@ -34,6 +35,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_inplace, shard_linear
 
+from .adaptive import AUTO
 from .drafter import Drafter
 from .target import Target
 
@@ -41,6 +43,11 @@ from .target import Target
 def world() -> mx.distributed.Group:
     """This process's group: size 1 unless started by `mlx.launch`."""
     return mx.distributed.init()
+
+
+def is_rank_zero() -> bool:
+    """Whether this process prints and writes reports: rank 0 of a launch, or a lone process."""
+    return world().rank() == 0
 
 
 def rank_label() -> str:
@@ -144,7 +151,7 @@ def shard_drafter(drafter: Drafter, target: Target, group) -> None:
 
 
 def load_sharded(path_or_repo=None, draft_model=None, *, no_draft: bool = False, group=None):
-    """`load()` for a tensor-parallel run: (model, tokenizer, drafter or None).
+    """`load()` split over `group` (whole on a group of one): (model, tokenizer, drafter or None).
 
     The target is loaded lazily and split before its weights are read, so each rank
     materialises only its own slice of the split layers (plus the replicated ones).
@@ -152,9 +159,9 @@ def load_sharded(path_or_repo=None, draft_model=None, *, no_draft: bool = False,
     from .loading import load
 
     group = group or world()
-    target, tokenizer, drafter = load(path_or_repo, draft_model, lazy=True)
+    target, tokenizer, drafter = load(path_or_repo, None if no_draft else draft_model, lazy=True)
     if no_draft:
-        drafter = None
+        drafter = None  # a converted pair's own drafter, never read
     if drafter is not None:
         shard_drafter(drafter, target, group)
         mx.eval(drafter.parameters())
@@ -163,11 +170,47 @@ def load_sharded(path_or_repo=None, draft_model=None, *, no_draft: bool = False,
     return target, tokenizer, drafter
 
 
+def load_pair(path_or_repo=None, draft_model=None, *, no_draft: bool = False):
+    """(model, tokenizer, drafter or None) for a command, on the main thread: split over the
+    ranks under `mlx.launch`, with only rank 0 printing and every rank ending when another
+    one dies; whole in a lone process."""
+    group = world()
+    if group.size() > 1:
+        quiet_other_ranks(group)
+        exit_when_terminated(group)
+    return load_sharded(path_or_repo, draft_model, no_draft=no_draft, group=group)
+
+
+def refuse_adaptive_k(draft_lengths, option: str) -> None:
+    """Every rank must draft the same k each round, and `auto` picks k from the round times
+    this rank measures, which differ between ranks: refuse it under a launch."""
+    if world().size() > 1 and AUTO in draft_lengths:
+        raise ValueError(f"{option} {AUTO} picks k from each rank's own round times, which differ between "
+                         f"ranks: give a fixed draft length under mlx.launch")
+
+
+def broadcast_json(message, group):
+    """Rank 0's `message` (a JSON value, or None for nothing; ignored on other ranks) on every
+    rank, through two all-reduces: its length, then its UTF-8 bytes. None costs one."""
+    data = json.dumps(message).encode() if group.rank() == 0 and message is not None else b""
+    length = int(mx.distributed.all_sum(mx.array(len(data)), group=group, stream=mx.cpu).item())
+    if length == 0:
+        return None
+    mine = mx.array(list(data), dtype=mx.uint8) if data else mx.zeros(length, dtype=mx.uint8)
+    received = mx.distributed.all_sum(mine, group=group, stream=mx.cpu)
+    return json.loads(bytes(received.tolist()).decode())
+
+
+def random_seed() -> int:
+    """A fresh sampling seed, for a run or request that gave none."""
+    return int.from_bytes(os.urandom(3), "little")
+
+
 def shared_seed(seed: Optional[int], group) -> Optional[int]:
     """The same sampling seed on every rank: `seed`, or one drawn on rank 0 and sent to all."""
     if group.size() == 1 or seed is not None:
         return seed
-    mine = int.from_bytes(os.urandom(3), "little") if group.rank() == 0 else 0
+    mine = random_seed() if group.rank() == 0 else 0
     return int(mx.distributed.all_sum(mx.array(mine), group=group).item())
 
 

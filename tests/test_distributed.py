@@ -4,19 +4,31 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import openai
 import pytest
+from mlx_lm.sample_utils import make_logits_processors
 
-# E2B-like (per-layer inputs, KV sharing), 31B-like (K=V, global K/V heads), 26B-like MoE.
-SPLIT_PAIRS = ["e2b", "dense", "moe"]
+from gemma_mtp_mlx import generate, load
+from gemma_mtp_mlx.batch import BatchEngine
+from gemma_mtp_mlx.generate import encode_prompt
+
+# E2B-like (per-layer inputs, KV sharing), 31B-like (K=V, global K/V heads), 26B-like MoE,
+# and the 12B family (gemma4_unified: multimodal layout, and its text config as transformers saves it).
+SPLIT_PAIRS = ["e2b", "dense", "moe", "unified", "unified_text"]
 
 WINDOW = 16
 MAX_TOKENS = 3 * WINDOW + 12  # past 3x the sliding window
+RUNS_SECONDS = 900  # per run (one process, then two ranks); measured: both together 600 s on a busy 2-core host
 NEAR_TIE = 1e-4  # all-reduce sums in another order: only a top-2 gap below this may flip
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
@@ -44,9 +56,9 @@ def runs(pairs, tmp_path_factory):
         (root / str(n)).mkdir()
         if n == 1:
             done = subprocess.run([sys.executable, WORKER, root / "spec.json", root / "1"], capture_output=True,
-                                  text=True, timeout=600, env=ENV)
+                                  text=True, timeout=RUNS_SECONDS, env=ENV)
         else:
-            done = launch(2, WORKER, root / "spec.json", root / "2")
+            done = launch(2, WORKER, root / "spec.json", root / "2", timeout=RUNS_SECONDS)
         assert done.returncode == 0, done.stderr[-3000:]
         out[n] = [json.loads((root / str(n) / f"rank{r}.json").read_text()) for r in range(n)]
     return out
@@ -97,6 +109,84 @@ def test_ranks_that_cannot_split_the_heads_are_refused_with_a_clear_error(pairs)
                   "--prompt", "hello", "--no-chat-template", "--max-tokens", "4", timeout=300)
     # (mlx.launch itself exits 0 whatever its ranks did: the message is what counts)
     assert "cannot split" in done.stderr and "4 query heads" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_bench_under_a_launch_measures_on_every_rank_and_reports_once_with_the_rank_count(pairs, tmp_path):
+    target, assistant = pairs["dense"]
+    (tmp_path / "prompts.txt").write_text("hello world\n")
+    done = launch(2, "-m", "gemma_mtp_mlx", "bench", "--model", target, "--draft-model", assistant,
+                  "--prompts", tmp_path / "prompts.txt", "--ks", "2", "--temps", "0", "--max-tokens", "8",
+                  "--repeats", "1", "--out", tmp_path / "out", timeout=300)
+    assert done.stdout.count("wrote ") == 1 and done.stdout.count("| k=2 t=0 |") == 1, done.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bench.json", "bench.md"]
+    result = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert result["machine"]["ranks"] == 2 and result["exactness"]["ok"]
+    assert "- ranks: 2 (tensor-parallel" in (tmp_path / "out" / "bench.md").read_text()
+
+
+def test_serve_under_a_launch_answers_like_single_process_generate_and_stops_cleanly(pairs, tmp_path):
+    target, assistant = pairs["dense"]
+    prompts, max_tokens = ["hello there", "the quick brown fox"], 3 * WINDOW + 4
+    model, tokenizer, drafter = load(target, draft_model=assistant)
+    expected = [generate(model, tokenizer, p, draft_model=drafter, max_tokens=max_tokens) for p in prompts]
+    # sampled, with a penalty: every rank must draw with the same seed and rebuild the penalty (the
+    # reference is a lone engine: its rows draw differently from generate's)
+    expected_sampled = lone_engine_text(model, tokenizer, drafter, prompts[0], max_tokens=max_tokens, temp=1.0,
+                                        seed=7, logits_processors=make_logits_processors(repetition_penalty=1.3))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w+")
+    child = subprocess.Popen(
+        [str(LAUNCH), "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "gemma_mtp_mlx", "serve",
+         "--model", str(target), "--draft-model", str(assistant), "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, text=True, env=ENV, start_new_session=True)
+    try:
+        wait_until_healthy(child, port, log)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+
+        def complete(prompt, stream=False, temperature=0, **extra):
+            reply = client.completions.create(model="m", prompt=prompt, max_tokens=max_tokens, stream=stream,
+                                              temperature=temperature, extra_body=extra)
+            return "".join(c.choices[0].text for c in reply if c.choices) if stream else reply.choices[0].text
+
+        assert [complete(p) for p in prompts] == expected
+        assert complete(prompts[0], temperature=1.0, seed=7, repetition_penalty=1.3) == expected_sampled
+        with ThreadPoolExecutor(2) as pool:  # two rows in one batch, on both ranks
+            assert list(pool.map(lambda p: complete(p, stream=True), prompts)) == expected
+        os.kill(rank_pid(0), signal.SIGTERM)  # as a service manager stops a server
+        child.wait(timeout=60)
+        log.seek(0)
+        output = log.read()
+        # rank 1 ended when rank 0 told it to (rank 0 ends as uvicorn does on SIGTERM)
+        assert "Traceback" not in output and "error" not in output and "rank 1" not in output, output[-3000:]
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+
+
+def lone_engine_text(model, tokenizer, drafter, prompt: str, **options) -> str:
+    """What a single-process server's engine generates for one request."""
+    engine = BatchEngine(model, tokenizer, drafter)
+    engine.insert(encode_prompt(tokenizer, prompt).tolist(), **options)
+    tokens = []
+    while engine.has_work:
+        tokens += [t for event in engine.step() for t in event.tokens]
+    return tokenizer.decode(tokens)
+
+
+def wait_until_healthy(child, port: int, log, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert child.poll() is None, open(log.name).read()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"the server did not become ready: {open(log.name).read()[-3000:]}")
 
 
 def test_a_rank_that_dies_mid_generation_ends_the_run_with_a_clear_error(pairs, tmp_path):

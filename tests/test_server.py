@@ -472,8 +472,13 @@ def test_a_failing_request_fails_alone_and_the_generation_thread_goes_on():
     from gemma_mtp_mlx.batch import BatchEngine
     from gemma_mtp_mlx.server.worker import Job, Worker
 
+    class WithProcessors(Worker):  # requests name their logits processors (a server's carry numbers only)
+        def insert_row(self, prompt, request):
+            processors = request.pop("logits_processors")
+            return self.engine.insert(prompt, logits_processors=processors, **request)
+
     # MLX arrays belong to the thread that made them: the model loads in the generation thread.
-    worker = Worker(lambda: SimpleNamespace(engine=BatchEngine(*load(), prompt_cache=PromptCache(4, 1 << 30))))
+    worker = WithProcessors(lambda: SimpleNamespace(engine=BatchEngine(*load(), prompt_cache=PromptCache(4, 1 << 30))))
 
     def broken(tokens, logits):  # fails once the row has handed out tokens
         if tokens.size > len(tokenizer.encode(PROMPT)) + 6:

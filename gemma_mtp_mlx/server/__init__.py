@@ -2,7 +2,8 @@
 
 `app.py` is the HTTP layer, `worker.py` the generation thread that owns the model and
 drives the batch engine (`gemma_mtp_mlx.batch.BatchEngine`: requests join the running
-batch at the next round), `prompt_cache.py` the LRU of K/V caches keyed by token prefix.
+batch at the next round), `prompt_cache.py` the LRU of K/V caches keyed by token prefix,
+`lockstep.py` the same server under `mlx.launch` (rank 0 serves, the other ranks follow).
 """
 
 import argparse

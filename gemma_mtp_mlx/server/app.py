@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator, List, Optional, Union
@@ -11,14 +12,15 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from mlx_lm.sample_utils import make_logits_processors
 from starlette.exceptions import HTTPException
 
 from ..adaptive import AUTO
 from ..batch import BatchEngine
 from ..generate import encode_prompt
-from ..loading import DEFAULT_MODEL, load
+from ..distributed import load_sharded, world
+from ..loading import DEFAULT_MODEL
 from ..validate import MAX_NUM_DRAFT_TOKENS
+from . import lockstep
 from .prompt_cache import PromptCache
 from .protocol import ChatRequest, CompletionRequest, GenerationFields, error_body, new_id, now
 from .worker import Delta, Job, TokenInfo, Worker
@@ -160,11 +162,9 @@ def make_job(s: Served, body: GenerationFields, prompt: List[int], top_logprobs:
         raise BadRequest(f"the prompt has {len(prompt)} tokens and up to {max_tokens} more were asked for: "
                          f"together more than the model's context of {s.max_context} tokens; shorten the "
                          "prompt or lower max_tokens", param="messages" if isinstance(body, ChatRequest) else "prompt")
-    processors = make_logits_processors(repetition_penalty=body.repetition_penalty,
-                                        presence_penalty=body.presence_penalty,
-                                        frequency_penalty=body.frequency_penalty)
     options = dict(max_tokens=max_tokens, temp=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                   min_p=body.min_p, seed=body.seed, logits_processors=processors,
+                   min_p=body.min_p, seed=body.seed, repetition_penalty=body.repetition_penalty,
+                   presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                    num_draft_tokens=body.num_draft_tokens if s.num_draft_tokens else None)  # plain: no k
     k = (body.num_draft_tokens or s.num_draft_tokens) if s.num_draft_tokens else 0
     tokenizer = s.tokenizer
@@ -362,13 +362,12 @@ def check_args(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0 disables the cache)")
 
 
-def loader(args):
-    """What the generation thread runs first: load the pair, build the engine."""
+def loader(args, group):
+    """What the generation thread runs first: load the pair (rank 0's share of it under
+    mlx.launch), build the engine."""
 
     def load_served() -> Served:
-        model, tokenizer, drafter = load(args.model, None if args.no_draft else args.draft_model)
-        if args.no_draft:
-            drafter = None
+        model, tokenizer, drafter = load_sharded(args.model, args.draft_model, no_draft=args.no_draft, group=group)
         k = (args.num_draft_tokens or drafter.default_num_draft_tokens) if drafter is not None else 0
         cache = PromptCache(args.prompt_cache_size, args.prompt_cache_bytes)
         engine = BatchEngine(model, tokenizer, drafter, num_draft_tokens=k or None,
@@ -380,14 +379,21 @@ def loader(args):
 
 
 def serve(args) -> None:
+    """Serve on this process, or under mlx.launch on rank 0 while the other ranks follow it."""
     check_args(args)
+    group = world()
+    load_served = loader(args, group)
+    if group.rank() != 0:
+        lockstep.follow(lambda: load_served().engine, group)
+        os._exit(0)  # rank 0 is stopping too: skip the interpreter's teardown, which the launcher may cut short
     name = args.model or DEFAULT_MODEL.name
-    worker = Worker(loader(args))
+    worker = Worker(load_served) if group.size() == 1 else lockstep.LockstepWorker(load_served, group)
     config = uvicorn.Config(create_app(worker, name), host=args.host, port=args.port, access_log=False,
                             log_level="debug" if args.debug else "info")
     server = uvicorn.Server(config)
     worker.on_load_error = lambda: setattr(server, "should_exit", True)
-    print(f"gemma-mtp: serving {name} on http://{args.host}:{args.port}/v1 (loading; /health answers 200 "
+    ranks = f" over {group.size()} ranks" if group.size() > 1 else ""
+    print(f"gemma-mtp: serving {name}{ranks} on http://{args.host}:{args.port}/v1 (loading; /health answers 200 "
           "when ready)", flush=True)
     server.run()
     if worker.load_error:

@@ -16,10 +16,21 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
+from mlx_lm.sample_utils import make_logits_processors
 
 from ..batch import RowEvent
 
 TopList = List[Tuple[str, float]]
+PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
+def insert_request(engine, prompt: List[int], request: dict) -> int:
+    """Queue a request's row on `engine`; returns its uid. `request` holds numbers only
+    (`BatchEngine.insert`'s options, with the penalties in place of logits processors,
+    which are built here), so another rank can replay it exactly."""
+    options = {name: value for name, value in request.items() if name not in PENALTIES}
+    processors = make_logits_processors(**{name: request.get(name) for name in PENALTIES})
+    return engine.insert(prompt, logits_processors=processors, **options)
 
 
 @dataclass
@@ -245,7 +256,7 @@ class Worker:
             if action == "submit" and not job.cancelled:
                 self._insert(job)
             elif action == "cancel" and job.uid in self.jobs:
-                self.engine.remove(job.uid)
+                self.remove_row(job.uid)
                 del self.jobs[job.uid]
                 self._count_finish(job, "cancelled")
             try:
@@ -255,7 +266,7 @@ class Worker:
 
     def _insert(self, job: Job) -> None:
         try:
-            job.uid = self.engine.insert(job.prompt, top_logprobs=job.top_logprobs, **job.options)
+            job.uid = self.insert_row(job.prompt, dict(job.options, top_logprobs=job.top_logprobs))
         except ValueError as e:
             job.push(Delta("", [], "error", error=str(e), status=400))
             return
@@ -263,11 +274,11 @@ class Worker:
 
     def _step(self) -> None:
         try:
-            events = self.engine.step()
+            events = self.step_rows()
         except Exception as e:  # no request may take the server down: fail the rows in flight
             traceback.print_exc()
             for uid, job in list(self.jobs.items()):
-                self.engine.remove(uid)
+                self.remove_row(uid)
                 job.push(Delta("", [], "error", error=f"generation failed: {e}"))
                 self._count_finish(job, "error")
             self.jobs.clear()
@@ -287,10 +298,20 @@ class Worker:
         if job.done:  # counted before the client hears of it, so /metrics is never behind
             del self.jobs[event.uid]
             if not event.finish_reason:  # a stop string or an error ended it: free the row now
-                self.engine.remove(event.uid)
+                self.remove_row(event.uid)
             self._count_finish(job, delta.finish_reason)
         if delta is not None:
             job.push(delta)
+
+    # Every change to the engine goes through these three (server/lockstep.py mirrors them).
+    def insert_row(self, prompt: List[int], request: dict) -> int:
+        return insert_request(self.engine, prompt, request)
+
+    def remove_row(self, uid: int) -> None:
+        self.engine.remove(uid)
+
+    def step_rows(self) -> List[RowEvent]:
+        return self.engine.step()
 
     def _count_finish(self, job: Job, reason: str) -> None:
         c = self.counters
