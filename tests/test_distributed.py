@@ -154,6 +154,9 @@ def test_serve_under_a_launch_answers_like_single_process_generate_and_stops_cle
         assert complete(prompts[0], temperature=1.0, seed=7, repetition_penalty=1.3) == expected_sampled
         with ThreadPoolExecutor(2) as pool:  # two rows in one batch, on both ranks
             assert list(pool.map(lambda p: complete(p, stream=True), prompts)) == expected
+        with pytest.raises(openai.BadRequestError, match="fixed draft length under mlx.launch"):
+            complete(prompts[0], num_draft_tokens="auto")  # each rank would choose its own k
+        assert complete(prompts[1]) == expected[1]  # and the ranks still agree
         os.kill(rank_pid(0), signal.SIGTERM)  # as a service manager stops a server
         child.wait(timeout=60)
         log.seek(0)

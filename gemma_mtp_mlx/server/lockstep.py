@@ -32,6 +32,7 @@ class LockstepWorker(Worker):
         self.operations: List[list] = []  # since the last step, in order
 
     def insert_row(self, prompt: List[int], request: dict) -> int:
+        distributed.refuse_adaptive_k([request.get("num_draft_tokens")], "num_draft_tokens")  # 400, sent nowhere
         if request["seed"] is None:
             request = dict(request, seed=distributed.random_seed())
         uid = super().insert_row(prompt, request)  # a refused request raises here: nothing to send
