@@ -510,4 +510,7 @@ def test_a_failing_request_fails_alone_and_the_generation_thread_goes_on():
     assert failed.finish_reason == "error" and "processor broke" in failed.error
     assert failed.usage is None and failed.text == ""
     assert good.finish_reason == "length" and good.usage["completion_tokens"] == 12
-    assert len(worker.engine.prompt_cache.entries) == 1  # the good row's; nothing from the broken one
+    # The prompt's K/V (stored once prefilled, as both rows' prompts are the same) and the good
+    # row's whole cache; nothing from where the broken row failed.
+    prompt = len(tokenizer.encode(PROMPT))
+    assert sorted(map(len, worker.engine.prompt_cache.entries)) == [prompt, prompt + 11]
