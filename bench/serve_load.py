@@ -19,7 +19,7 @@ import threading
 import time
 import urllib.request
 
-from gemma_mtp_mlx.generate import DEFAULT_PROMPTS_FILE
+from gemma_mtp_mlx.loading import DEFAULT_PROMPTS_FILE
 
 
 def free_port() -> int:
