@@ -219,11 +219,11 @@ class BatchEngine:
             self.prefilling = [self.prefilling[i] for i in prefilling]
             for c in self.prefill_cache:
                 c.take(prefilling)
-        keep = [i for i, r in enumerate(self.active) if r.uid != uid]
-        if len(keep) < len(self.active):
-            gone = next(i for i, r in enumerate(self.active) if r.uid == uid)
-            self._store(self.active[gone].verified, self.cache, gone)
-            self._keep_rows(keep)
+        for gone, row in enumerate(self.active):
+            if row.uid == uid:
+                self._store(row.verified, self.cache, gone)
+                self._keep_rows([i for i in range(len(self.active)) if i != gone])
+                break
 
     def _keep_rows(self, keep: List[int]) -> None:
         self.active = [self.active[i] for i in keep]
