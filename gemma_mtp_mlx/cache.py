@@ -59,16 +59,25 @@ class SlidingKVCache:
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         # keys, values: [B, kv_heads, L, D]
         num_new = keys.shape[2]
-        if self._needs_room(num_new):
-            self._reallocate(self._kept_before_write(num_new), keys, values)
-        self.keys[..., self.used : self.used + num_new, :] = keys
-        self.values[..., self.used : self.used + num_new, :] = values
+        slot = self.reserve(num_new, keys, values)
+        self.keys[..., slot : slot + num_new, :] = keys
+        self.values[..., slot : slot + num_new, :] = values
         self.used += num_new
         self.offset += num_new
         return self.keys[..., : self.used, :], self.values[..., : self.used, :]
 
-    def _reallocate(self, kept: int, keys: mx.array, values: mx.array):
-        num_new = keys.shape[2]
+    def reserve(self, num_new: int, keys: Optional[mx.array] = None, values: Optional[mx.array] = None) -> int:
+        """Make room for `num_new` entries as a write would, and return the slot the first
+        goes to. keys, values: entries of the new shape and dtype (needed only before the
+        first write)."""
+        if self._needs_room(num_new):
+            self._reallocate(self._kept_before_write(num_new), num_new,
+                             self.keys if keys is None else keys, self.values if values is None else values)
+        return self.used
+
+    def _reallocate(self, kept: int, num_new: int, keys: mx.array, values: mx.array):
+        """A new buffer holding the last `kept` slots and room for `num_new` and more;
+        keys, values give the shapes and dtype."""
         capacity = self.keep + max(num_new, self.step)
         B, heads, _, k_dim = keys.shape
         new_keys = mx.zeros((B, heads, capacity, k_dim), keys.dtype)
@@ -143,6 +152,32 @@ class SlidingKVCache:
 
 # mlx-lm's load_prompt_cache finds each cache's class by name in its own module.
 setattr(mlx_lm_cache, SlidingKVCache.__name__, SlidingKVCache)
+
+
+def reserve_write(cache, num_new: int) -> Tuple[int, int]:
+    """Make room for `num_new` entries in a cache that already holds some, without writing
+    them (a compiled forward writes them): (the buffer slot the first goes to, the absolute
+    position of slot 0). Full-attention buffers grow as mlx-lm's `KVCache` grows them."""
+    if isinstance(cache, SlidingKVCache):
+        return cache.reserve(num_new), cache.start
+    used = cache.offset
+    if used + num_new > cache.keys.shape[2]:
+        blocks = (cache.step + num_new - 1) // cache.step
+        cache.keys, cache.values = (
+            mx.concatenate([buffer[..., :used, :], mx.zeros((*buffer.shape[:2], blocks * cache.step,
+                                                              buffer.shape[3]), buffer.dtype)], axis=2)
+            for buffer in (cache.keys, cache.values)
+        )
+    return used, 0
+
+
+def commit_write(cache, keys: mx.array, values: mx.array, num_new: int) -> None:
+    """Adopt the buffers a compiled forward wrote `num_new` entries into at the slot
+    `reserve_write` gave."""
+    cache.keys, cache.values = keys, values
+    cache.offset += num_new
+    if isinstance(cache, SlidingKVCache):
+        cache.used += num_new
 
 
 def rollback_needed(num_draft_tokens: int) -> int:

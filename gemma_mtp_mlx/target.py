@@ -12,11 +12,17 @@ from typing import Dict, List, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.cache import KVCache
 from mlx_lm.models.gemma4_text import logit_softcap
 from mlx_lm.utils import load_model, load_tokenizer
 
-from .cache import SharedKV, SlidingKVCache, make_target_cache, num_kv_layers
+from .cache import SharedKV, SlidingKVCache, commit_write, make_target_cache, num_kv_layers, reserve_write
 from .checkpoint import CheckpointError, check_model_type, mlx_lm_text_config, read_config, weights_load_error
+from .validate import MAX_NUM_DRAFT_TOKENS
+
+# Forwards of up to this many tokens (a decode step, a verify of k + 1) run compiled;
+# longer ones (prefill chunks, training batches) run op by op, as their lengths vary.
+MAX_COMPILED_TOKENS = MAX_NUM_DRAFT_TOKENS + 1
 
 
 class Target:
@@ -27,6 +33,7 @@ class Target:
         self.backbone = self.lm.model  # gemma4_text.Gemma4TextModel
         # The producer of each attention type: the last layer of that type computing K/V.
         self.producers = {self.args.layer_types[i]: i for i in range(num_kv_layers(self.args))}
+        self.compiled = CompiledForward(self)
 
     @property
     def hidden_size(self) -> int:
@@ -45,6 +52,8 @@ class Target:
 
     def __call__(self, tokens: mx.array, cache: List) -> Tuple[mx.array, mx.array]:
         """tokens [1, L] -> (logits [1, L, vocab], final-norm hidden [1, L, hidden])."""
+        if self.compiled.handles(tokens, cache):
+            return self.compiled(tokens, cache)
         hidden = self.backbone(tokens, cache=cache)
         return self.logits(hidden), hidden
 
@@ -73,6 +82,78 @@ class Target:
                 start, end = 0, c.offset
             kv[layer_type] = SharedKV(c.keys, c.values, start, end)
         return kv
+
+
+class CompiledForward:
+    """The target's short forwards (a decode step, a verify) as compiled graphs, one per length.
+
+    Everything that changes between steps is an array input: each layer's whole K/V
+    buffer, the slot the new entries go to and the position of the first, so one graph
+    serves every step until a buffer grows (a full-attention buffer by 256 positions, a
+    sliding one when it slides). The written buffers come back as outputs. Attention runs
+    over the whole buffer, masked to the slots each query may see. Compiling fuses a
+    layer's many small element-wise operations (norms, RoPE, activations), which take
+    most of a decode step when the matrices are small, and shortens the host's graph
+    building, which a speculative round waits for. The weights are inputs too, so changed
+    weights are seen.
+    """
+
+    def __init__(self, target: "Target"):
+        self.target = target
+        layer_types = target.args.layer_types[: num_kv_layers(target.args)]
+        self.sliding = [kind == "sliding_attention" for kind in layer_types]
+        self._forward = mx.compile(self._graph, inputs=[target.model.state])
+
+    def handles(self, tokens: mx.array, cache: List) -> bool:
+        """Whether this forward can run compiled: a short one, on the target's own caches
+        after their first write."""
+        return (
+            tokens.shape[1] <= MAX_COMPILED_TOKENS
+            and len(cache) == len(self.sliding)
+            and all((isinstance(c, SlidingKVCache) or type(c) is KVCache) and c.keys is not None for c in cache)
+        )
+
+    def __call__(self, tokens: mx.array, cache: List) -> Tuple[mx.array, mx.array]:
+        num_new = tokens.shape[1]
+        layers = []
+        for c in cache:
+            slot, start = reserve_write(c, num_new)
+            layers.append((c.keys, c.values, *(mx.array(n, dtype=mx.int32) for n in (c.offset, slot, start))))
+        logits, hidden, written = self._forward(tokens, layers)
+        for c, (keys, values) in zip(cache, written):
+            commit_write(c, keys, values, num_new)
+        return logits, hidden
+
+    def _graph(self, tokens, layers):
+        num_new = tokens.shape[1]
+        masks, caches = {}, []
+        for (keys, values, offset, slot, start), sliding in zip(layers, self.sliding):
+            if sliding not in masks:  # the same for every layer of a type: their buffers move together
+                query = offset + mx.arange(num_new)[:, None]  # [L, 1]: each new token's position
+                key = start + mx.arange(keys.shape[2])[None]  # [1, S]: the position each slot holds
+                visible = key <= query
+                masks[sliding] = visible & (query - key < self.target.args.sliding_window) if sliding else visible
+            caches.append(_SlotCache(keys, values, offset, slot, masks[sliding]))
+        hidden = self.target.backbone(tokens, cache=caches)
+        return self.target.logits(hidden), hidden, [(c.keys, c.values) for c in caches]
+
+
+class _SlotCache:
+    """One layer's cache inside the compiled forward, as mlx-lm's attention uses a cache:
+    `offset` (the first new token's position), `update_and_fetch` (writes at `slot`,
+    returns the whole buffer) and `make_mask` (which slots each new token sees)."""
+
+    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array, slot: mx.array, mask: mx.array):
+        self.keys, self.values, self.offset, self.slot, self.mask = keys, values, offset, slot, mask
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        # keys, values: [B, kv_heads, L, D], written into [B, kv_heads, S, D]
+        self.keys = mx.slice_update(self.keys, keys, self.slot, axes=(2,))
+        self.values = mx.slice_update(self.values, values, self.slot, axes=(2,))
+        return self.keys, self.values
+
+    def make_mask(self, *args, **kwargs) -> mx.array:
+        return self.mask  # [L, S]
 
 
 def load_target(path: Path, lazy: bool = False):
