@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from gemma_mtp_mlx import load
+from gemma_mtp_mlx.convert import convert_pair
 
 from batched_rounds import full_length_cache
 from hf_reference import cached_fixture_dir, load_hf_assistant, load_hf_target
@@ -83,6 +84,18 @@ def mlx_pairs(pairs):
 @pytest.fixture(scope="session")
 def mlx_targets(fixture_dir):
     return {name: load(fixture_dir / name)[0] for name in TARGETS}
+
+
+@pytest.fixture(scope="session")
+def quantized_pairs(pairs, tmp_path_factory):
+    """The centroid-head and dense-head pairs converted to 4 bits (target and drafter), loaded."""
+    out = {}
+    for name in ("e2b", "dense"):
+        target, assistant = pairs[name]
+        path = tmp_path_factory.mktemp("q4") / name
+        convert_pair(str(target), str(assistant), path, quantize=True, q_bits=4, q_group_size=32)
+        out[name] = load(path)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -7,24 +7,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from gemma_mtp_mlx import load
 from gemma_mtp_mlx.cache import rollback_cache
-from gemma_mtp_mlx.convert import convert_pair
 
 WINDOW = 16
 K = 6
-
-
-@pytest.fixture(scope="module")
-def quantized_pairs(pairs, tmp_path_factory):
-    """The centroid-head and dense-head pairs converted to 4 bits (target and drafter)."""
-    out = {}
-    for name in ("e2b", "dense"):
-        target, assistant = pairs[name]
-        path = tmp_path_factory.mktemp("q4") / name
-        convert_pair(str(target), str(assistant), path, quantize=True, q_bits=4, q_group_size=32)
-        out[name] = load(path)
-    return out
 
 
 def verified_state(target, length: int):

@@ -9,25 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import TARGETS, WINDOW
-from gemma_mtp_mlx import load
 from gemma_mtp_mlx.cache import rollback_cache
-from gemma_mtp_mlx.convert import convert_pair
 
 K = 6
 # Round lengths (k + 1 tokens) and how many of each round's tokens are kept.
 ROUNDS = [(1, 1), (K + 1, 3), (4, 4), (K + 1, 1), (1, 1), (K + 1, K + 1), (2, 1)]
-
-
-@pytest.fixture(scope="module")
-def quantized_targets(pairs, tmp_path_factory):
-    """The centroid-pair and dense-pair targets converted to 4 bits."""
-    out = {}
-    for name in ("e2b", "dense"):
-        target, assistant = pairs[name]
-        path = tmp_path_factory.mktemp("q4") / name
-        convert_pair(str(target), str(assistant), path, quantize=True, q_bits=4, q_group_size=32)
-        out[name] = load(path)[0]
-    return out
 
 
 def op_by_op(target, tokens, cache):
@@ -76,8 +62,8 @@ def test_compiled_forward_equals_op_by_op(name, length, mlx_targets):
 
 
 @pytest.mark.parametrize("name", ["e2b", "dense"])
-def test_compiled_forward_equals_op_by_op_quantized(name, quantized_targets):
-    assert_same_rounds(quantized_targets[name], 3 * WINDOW + 3)
+def test_compiled_forward_equals_op_by_op_quantized(name, quantized_pairs):
+    assert_same_rounds(quantized_pairs[name][0], 3 * WINDOW + 3)
 
 
 def test_long_forwards_and_empty_caches_run_op_by_op(mlx_targets):

@@ -117,5 +117,5 @@ def test_bench_without_a_model_measures_the_shipped_pair(prompts, tmp_path):
     assert result["settings"]["prompts"] == 2
     for config in result["configs"]:
         assert set(FIELDS) <= set(config), config["name"]
-    assert {"c", "v", "decode_ms", "draft_step_ms", "verify_ms"} <= set(result["costs"])
+    assert {"c", "v", "decode_ms", "draft_step_ms", "isolated_draft_step_ms", "verify_ms", "round_ms"} <= set(result["costs"])
 
