@@ -84,24 +84,26 @@ class RaggedKVCache:
 
         return gather(self.keys), gather(self.values)
 
-    def _make_room(self, keys: mx.array, values: mx.array) -> None:
-        starts, capacity = self._plan(keys.shape[2])
-        if capacity is None:
-            return
-        if self.keys is None:
-            B, H, _, D = keys.shape
-            self.keys = mx.zeros((B, H, capacity, D), keys.dtype)
-            self.values = mx.zeros((B, H, capacity, values.shape[3]), values.dtype)
-        else:
-            self.keys, self.values = self._gathered(starts, capacity)
-        self.starts = list(starts)
+    def reserve(self, num_new: int, keys: Optional[mx.array] = None, values: Optional[mx.array] = None) -> List[int]:
+        """Make room for `num_new` entries per row as a write would, and return the slot
+        each row's first goes to. keys, values: entries of the new shape and dtype (needed
+        only before the first write)."""
+        starts, capacity = self._plan(num_new)
+        if capacity is not None:
+            if self.keys is None:
+                B, H, _, D = keys.shape
+                self.keys = mx.zeros((B, H, capacity, D), keys.dtype)
+                self.values = mx.zeros((B, H, capacity, values.shape[3]), values.dtype)
+            else:
+                self.keys, self.values = self._gathered(starts, capacity)
+            self.starts = list(starts)
+        return self._used(self.starts)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """Write each row's new entries right after its own last one; return the buffer up
         to the longest row's end. keys, values: [B, kv_heads, N, D]."""
         num_new = keys.shape[2]
-        self._make_room(keys, values)
-        used = self._used(self.starts)
+        used = self.reserve(num_new, keys, values)
         if len(set(used)) == 1:
             self.keys[..., used[0] : used[0] + num_new, :] = keys
             self.values[..., used[0] : used[0] + num_new, :] = values
@@ -112,6 +114,12 @@ class RaggedKVCache:
         self.lengths = [n + num_new for n in self.lengths]
         end = max(used) + num_new
         return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def advance(self, keys: mx.array, values: mx.array, num_new: int) -> None:
+        """Adopt buffers a compiled forward wrote `num_new` entries per row into, at the
+        slots `reserve` gave."""
+        self.keys, self.values = keys, values
+        self.lengths = [n + num_new for n in self.lengths]
 
     def make_mask(self, N: int, window_size=None, return_array: bool = False) -> mx.array:
         """[B, 1, N, S] boolean: query n of row b sees exactly the keys single-stream

@@ -16,6 +16,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.models.gemma4_text import logit_softcap
 from mlx_lm.utils import load_model, load_tokenizer
 
+from .batch_cache import RaggedKVCache
 from .cache import SharedKV, SlidingKVCache, commit_write, make_target_cache, num_kv_layers, reserve_write
 from .checkpoint import CheckpointError, check_model_type, mlx_lm_text_config, read_config, weights_load_error
 from .validate import MAX_NUM_DRAFT_TOKENS
@@ -85,18 +86,20 @@ class Target:
 
 
 class CompiledForward:
-    """The target's short forwards (a decode step, a verify) as compiled graphs, one per length.
+    """The target's short forwards (a decode step, a verify) as compiled graphs, one per shape.
 
     Everything that changes between steps is an array input: each layer's whole K/V
-    buffer, the slot the new entries go to and the position of the first, so one graph
-    serves every step until a buffer grows (a full-attention buffer by 256 positions, a
-    sliding one when it slides). The written buffers come back as outputs. Attention runs
-    over the whole buffer, masked to the slots each query may see. Compiling fuses a
-    layer's many small element-wise operations (norms, RoPE, activations), which take
-    most of a decode step when the matrices are small, and shortens the host's graph
-    building, which a speculative round waits for. The weights are inputs too, so changed
-    weights are seen.
+    buffer and, per row, the slot its new entries go to, the position of the first and
+    the position slot 0 holds. One graph serves every step until a buffer grows (a
+    full-attention buffer by 256 positions, a sliding one when it slides) or the batch
+    changes size. The written buffers come back as outputs. Attention runs over the whole
+    buffer, masked to the slots each query may see. Compiling fuses a layer's many small
+    element-wise operations (norms, RoPE, activations), which take most of a decode step
+    when the matrices are small, and shortens the host's graph building, which a
+    speculative round waits for. The weights are inputs too, so changed weights are seen.
     """
+
+    CACHES = (SlidingKVCache, KVCache, RaggedKVCache)  # exactly these types: a subclass may write differently
 
     def __init__(self, target: "Target"):
         self.target = target
@@ -110,50 +113,63 @@ class CompiledForward:
         return (
             tokens.shape[1] <= MAX_COMPILED_TOKENS
             and len(cache) == len(self.sliding)
-            and all((isinstance(c, SlidingKVCache) or type(c) is KVCache) and c.keys is not None for c in cache)
+            and all(type(c) in self.CACHES and c.keys is not None for c in cache)
         )
 
     def __call__(self, tokens: mx.array, cache: List) -> Tuple[mx.array, mx.array]:
         num_new = tokens.shape[1]
         layers = []
         for c in cache:
-            slot, start = reserve_write(c, num_new)
-            layers.append((c.keys, c.values, *(mx.array(n, dtype=mx.int32) for n in (c.offset, slot, start))))
+            if isinstance(c, RaggedKVCache):
+                slots, positions, starts = c.reserve(num_new), c.lengths, c.starts
+            else:
+                slot, start = reserve_write(c, num_new)
+                slots, positions, starts = [slot], [c.offset], [start]
+            layers.append((c.keys, c.values, *(mx.array(rows, dtype=mx.int32) for rows in (positions, slots, starts))))
         logits, hidden, written = self._forward(tokens, layers)
         for c, (keys, values) in zip(cache, written):
-            commit_write(c, keys, values, num_new)
+            if isinstance(c, RaggedKVCache):
+                c.advance(keys, values, num_new)
+            else:
+                commit_write(c, keys, values, num_new)
         return logits, hidden
 
     def _graph(self, tokens, layers):
         num_new = tokens.shape[1]
+        new = mx.arange(num_new)[None]  # [1, L]
         masks, caches = {}, []
-        for (keys, values, offset, slot, start), sliding in zip(layers, self.sliding):
+        for (keys, values, positions, slots, starts), sliding in zip(layers, self.sliding):
             if sliding not in masks:  # the same for every layer of a type: their buffers move together
-                query = offset + mx.arange(num_new)[:, None]  # [L, 1]: each new token's position
-                key = start + mx.arange(keys.shape[2])[None]  # [1, S]: the position each slot holds
-                visible = key <= query
-                masks[sliding] = visible & (query - key < self.target.args.sliding_window) if sliding else visible
-            caches.append(_SlotCache(keys, values, offset, slot, masks[sliding]))
+                query = positions[:, None] + new  # [B, L]: each new token's position
+                key = starts[:, None] + mx.arange(keys.shape[2])[None]  # [B, S]: the position in each slot
+                distance = query[:, :, None] - key[:, None]  # [B, L, S]
+                visible = distance >= 0
+                if sliding:
+                    visible &= distance < self.target.args.sliding_window
+                masks[sliding] = visible[:, None]  # [B, 1, L, S]
+            caches.append(_SlotCache(keys, values, positions, slots[:, None] + new, masks[sliding]))
         hidden = self.target.backbone(tokens, cache=caches)
         return self.target.logits(hidden), hidden, [(c.keys, c.values) for c in caches]
 
 
 class _SlotCache:
     """One layer's cache inside the compiled forward, as mlx-lm's attention uses a cache:
-    `offset` (the first new token's position), `update_and_fetch` (writes at `slot`,
-    returns the whole buffer) and `make_mask` (which slots each new token sees)."""
+    `offset` (each row's first new position [B]), `update_and_fetch` (writes row b's new
+    entries at slots[b], returns the whole buffer) and `make_mask` (which slots each new
+    token sees)."""
 
-    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array, slot: mx.array, mask: mx.array):
-        self.keys, self.values, self.offset, self.slot, self.mask = keys, values, offset, slot, mask
+    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array, slots: mx.array, mask: mx.array):
+        self.keys, self.values, self.offset, self.slots, self.mask = keys, values, offset, slots, mask
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         # keys, values: [B, kv_heads, L, D], written into [B, kv_heads, S, D]
-        self.keys = mx.slice_update(self.keys, keys, self.slot, axes=(2,))
-        self.values = mx.slice_update(self.values, values, self.slot, axes=(2,))
+        index = self.slots[:, None, :, None]  # [B, 1, L, 1]
+        self.keys = mx.put_along_axis(self.keys, mx.broadcast_to(index, keys.shape), keys, axis=2)
+        self.values = mx.put_along_axis(self.values, mx.broadcast_to(index, values.shape), values, axis=2)
         return self.keys, self.values
 
     def make_mask(self, *args, **kwargs) -> mx.array:
-        return self.mask  # [L, S]
+        return self.mask  # [B, 1, L, S]
 
 
 def load_target(path: Path, lazy: bool = False):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import TARGETS, WINDOW
+from gemma_mtp_mlx.batch_cache import ragged_row
 from gemma_mtp_mlx.cache import rollback_cache
 
 K = 6
@@ -64,6 +65,44 @@ def test_compiled_forward_equals_op_by_op(name, length, mlx_targets):
 @pytest.mark.parametrize("name", ["e2b", "dense"])
 def test_compiled_forward_equals_op_by_op_quantized(name, quantized_pairs):
     assert_same_rounds(quantized_pairs[name][0], 3 * WINDOW + 3)
+
+
+def ragged_batch(target, lengths, seed):
+    """A ragged batch cache whose rows hold prompts of `lengths` (each prefilled alone)."""
+    rng = np.random.default_rng(seed)
+    batch = None
+    for length in lengths:
+        cache = target.make_cache(K)
+        mx.eval(op_by_op(target, mx.array([rng.integers(3, 256, size=length).tolist()]), cache))
+        rows = ragged_row(cache)
+        if batch is None:
+            batch = rows
+        else:
+            for layer, row in zip(batch, rows):
+                layer.extend(row)
+    return batch
+
+
+@pytest.mark.parametrize("name", ["e2b_target", "dense_target", "unified_target"])
+def test_compiled_forward_equals_op_by_op_on_ragged_rows(name, mlx_targets):
+    """Batched rows of different lengths (one below the window, two past it, one crossing
+    a 64-slot block), rounds rolled back by a different amount per row."""
+    target = mlx_targets[name]
+    lengths = [WINDOW // 2, 3 * WINDOW + 3, 2 * WINDOW, 60]
+    compiled_cache, reference_cache = ragged_batch(target, lengths, 1), ragged_batch(target, lengths, 1)
+    rng = np.random.default_rng(2)
+    positions = list(lengths)
+    for i, (num_tokens, _) in enumerate(ROUNDS):
+        tokens = mx.array(rng.integers(3, 256, size=(len(lengths), num_tokens)).tolist())
+        assert target.compiled.handles(tokens, compiled_cache)
+        logits, hidden = target(tokens, compiled_cache)
+        ref_logits, ref_hidden = op_by_op(target, tokens, reference_cache)
+        assert_close(logits, ref_logits, f"logits, round {i}")
+        assert_close(hidden, ref_hidden, f"hidden, round {i}")
+        positions = [p + int(rng.integers(1, num_tokens + 1)) for p in positions]
+        for cache in (compiled_cache, reference_cache):
+            for layer in cache:
+                layer.set_lengths(positions)
 
 
 def test_long_forwards_and_empty_caches_run_op_by_op(mlx_targets):
