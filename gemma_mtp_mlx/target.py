@@ -111,7 +111,8 @@ class CompiledForward:
         """Whether this forward can run compiled: a short one, on the target's own caches
         after their first write."""
         return (
-            tokens.shape[1] <= MAX_COMPILED_TOKENS
+            cache is not None
+            and tokens.shape[1] <= MAX_COMPILED_TOKENS
             and len(cache) == len(self.sliding)
             and all(type(c) in self.CACHES and c.keys is not None for c in cache)
         )

@@ -110,6 +110,7 @@ def test_long_forwards_and_empty_caches_run_op_by_op(mlx_targets):
     cache = target.make_cache(K)
     short = mx.array([[5] * (K + 1)])
     assert not target.compiled.handles(short, cache)  # nothing written yet: a prefill
+    assert not target.compiled.handles(short, None)  # no cache at all
     target(mx.array([[5] * 40]), cache)
     assert target.compiled.handles(short, cache)
     assert not target.compiled.handles(mx.array([[5] * 40]), cache)
