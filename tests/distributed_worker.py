@@ -1,7 +1,8 @@
 """One rank of a tensor-parallel run, for tests/test_distributed.py (not a test itself).
 
 Usage: python distributed_worker.py SPEC.json OUT_DIR
-Run alone it is the single-process reference; under `mlx.launch -n N` every rank runs it.
+Run alone it is the single-process reference; as the N ranks of a ring (MLX_RANK, MLX_HOSTFILE,
+as `mlx.launch -n N` or test_distributed.ring_ranks sets them) every rank runs it.
 SPEC: {"pairs": {name: [target_dir, assistant_dir]}, "prompts": [[ids]...], "ks": [...],
 "max_tokens": n, "seeded": {"temp": t, "seed": s, "k": k}}. Each rank writes
 OUT_DIR/rank<r>.json with every run's tokens and round log, the bytes of its split weights

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import PAIRS
-from hf_reference import hf_greedy
-from test_lossless import EOS, MAX_TOKENS, decisive_prompts, tokens
+from test_lossless import MAX_TOKENS, decisive_references, tokens
 from test_sampling import MIN_EXPECTED, PROMPT, chi_square_p_value, exact_joint_with_processors
 from gemma_mtp_mlx import DraftLengthController, stream_generate
 from gemma_mtp_mlx.adaptive import AUTO_MAX_DRAFT_TOKENS
@@ -49,8 +48,7 @@ class FollowsTheDraws(DraftLengthController):
 def test_greedy_auto_equals_target_alone_past_window(pair, mlx_pairs, hf_targets):
     target, tokenizer, drafter = mlx_pairs[pair]
     hf_target = hf_targets[PAIRS[pair][0]]
-    for prompt in decisive_prompts(hf_target, count=2):
-        reference = hf_greedy(hf_target, prompt, MAX_TOKENS, eos_token_id=EOS)
+    for prompt, reference in decisive_references(hf_target, count=2):
         for policy in ("auto", Cycle()):
             responses = list(stream_generate(target, tokenizer, prompt, draft_model=drafter, num_draft_tokens=policy,
                                              max_tokens=MAX_TOKENS, record_rounds=True))
