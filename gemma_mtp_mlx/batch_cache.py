@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from .cache import SlidingKVCache, num_kv_layers, rollback_needed
+from .cache import SlidingKVCache, num_kv_layers, rollback_needed, visible_slots
 from .validate import MAX_NUM_DRAFT_TOKENS
 
 
@@ -126,13 +126,7 @@ class RaggedKVCache:
         decoding gives it (its own positions, causal, within the window)."""
         starts, _ = self._plan(N)
         end = max(self._used(starts)) + N
-        key_pos = mx.array(starts)[:, None] + mx.arange(end)[None]  # [B, S]
-        query_pos = mx.array(self.lengths)[:, None] + mx.arange(N)[None]  # [B, N]
-        distance = query_pos[:, :, None] - key_pos[:, None, :]  # [B, N, S]
-        mask = distance >= 0
-        if self.window is not None:
-            mask = mask & (distance < self.window)
-        return mask[:, None]
+        return visible_slots(mx.array(self.lengths), mx.array(starts), N, end, self.window)
 
     def drafter_view(self, span: Optional[int] = None):
         """What the drafter reads for a query at each row's next position: (keys, values

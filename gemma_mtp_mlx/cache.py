@@ -154,6 +154,20 @@ class SlidingKVCache:
 setattr(mlx_lm_cache, SlidingKVCache.__name__, SlidingKVCache)
 
 
+def visible_slots(positions: mx.array, starts: mx.array, num_new: int, num_slots: int,
+                  window: Optional[int] = None) -> mx.array:
+    """[B, 1, L, S] boolean: which of a buffer's S slots (row b's slot s holds position
+    starts[b] + s) each of row b's L new tokens (from position positions[b]) may attend to:
+    causal, and within `window` positions when given."""
+    query = positions[:, None] + mx.arange(num_new)[None]  # [B, L]
+    key = starts[:, None] + mx.arange(num_slots)[None]  # [B, S]
+    distance = query[:, :, None] - key[:, None]  # [B, L, S]
+    visible = distance >= 0
+    if window is not None:
+        visible = visible & (distance < window)
+    return visible[:, None]
+
+
 def reserve_write(cache, num_new: int) -> Tuple[int, int]:
     """Make room for `num_new` entries in a cache that already holds some, without writing
     them (a compiled forward writes them): (the buffer slot the first goes to, the absolute

@@ -17,7 +17,8 @@ from mlx_lm.models.gemma4_text import logit_softcap
 from mlx_lm.utils import load_model, load_tokenizer
 
 from .batch_cache import RaggedKVCache
-from .cache import SharedKV, SlidingKVCache, commit_write, make_target_cache, num_kv_layers, reserve_write
+from .cache import (SharedKV, SlidingKVCache, commit_write, make_target_cache, num_kv_layers, reserve_write,
+                    visible_slots)
 from .checkpoint import CheckpointError, check_model_type, mlx_lm_text_config, read_config, weights_load_error
 from .validate import MAX_NUM_DRAFT_TOKENS
 
@@ -103,8 +104,7 @@ class CompiledForward:
 
     def __init__(self, target: "Target"):
         self.target = target
-        layer_types = target.args.layer_types[: num_kv_layers(target.args)]
-        self.sliding = [kind == "sliding_attention" for kind in layer_types]
+        self.layer_types = target.args.layer_types[: num_kv_layers(target.args)]
         self._forward = mx.compile(self._graph, inputs=[target.model.state])
 
     def handles(self, tokens: mx.array, cache: List) -> bool:
@@ -113,21 +113,23 @@ class CompiledForward:
         return (
             cache is not None
             and tokens.shape[1] <= MAX_COMPILED_TOKENS
-            and len(cache) == len(self.sliding)
+            and len(cache) == len(self.layer_types)
             and all(type(c) in self.CACHES and c.keys is not None for c in cache)
         )
 
     def __call__(self, tokens: mx.array, cache: List) -> Tuple[mx.array, mx.array]:
         num_new = tokens.shape[1]
-        layers = []
-        for c in cache:
+        buffers, rows = [], {}
+        for c, kind in zip(cache, self.layer_types):
             if isinstance(c, RaggedKVCache):
                 slots, positions, starts = c.reserve(num_new), c.lengths, c.starts
             else:
                 slot, start = reserve_write(c, num_new)
                 slots, positions, starts = [slot], [c.offset], [start]
-            layers.append((c.keys, c.values, *(mx.array(rows, dtype=mx.int32) for rows in (positions, slots, starts))))
-        logits, hidden, written = self._forward(tokens, layers)
+            buffers.append((c.keys, c.values))
+            if kind not in rows:  # the same for every layer of a type: their buffers move together
+                rows[kind] = tuple(mx.array(r, dtype=mx.int32) for r in (positions, slots, starts))
+        logits, hidden, written = self._forward(tokens, buffers, rows)
         for c, (keys, values) in zip(cache, written):
             if isinstance(c, RaggedKVCache):
                 c.advance(keys, values, num_new)
@@ -135,20 +137,17 @@ class CompiledForward:
                 commit_write(c, keys, values, num_new)
         return logits, hidden
 
-    def _graph(self, tokens, layers):
+    def _graph(self, tokens, buffers, rows):
+        """buffers: each layer's (keys, values); rows: per layer type, each row's first new
+        position, write slot and the position its slot 0 holds ([B] int32 each)."""
         num_new = tokens.shape[1]
-        new = mx.arange(num_new)[None]  # [1, L]
         masks, caches = {}, []
-        for (keys, values, positions, slots, starts), sliding in zip(layers, self.sliding):
-            if sliding not in masks:  # the same for every layer of a type: their buffers move together
-                query = positions[:, None] + new  # [B, L]: each new token's position
-                key = starts[:, None] + mx.arange(keys.shape[2])[None]  # [B, S]: the position in each slot
-                distance = query[:, :, None] - key[:, None]  # [B, L, S]
-                visible = distance >= 0
-                if sliding:
-                    visible &= distance < self.target.args.sliding_window
-                masks[sliding] = visible[:, None]  # [B, 1, L, S]
-            caches.append(_SlotCache(keys, values, positions, slots[:, None] + new, masks[sliding]))
+        for (keys, values), kind in zip(buffers, self.layer_types):
+            positions, slots, starts = rows[kind]
+            if kind not in masks:
+                window = self.target.args.sliding_window if kind == "sliding_attention" else None
+                masks[kind] = visible_slots(positions, starts, num_new, keys.shape[2], window)
+            caches.append(_SlotCache(keys, values, positions, slots[:, None] + mx.arange(num_new)[None], masks[kind]))
         hidden = self.target.backbone(tokens, cache=caches)
         return self.target.logits(hidden), hidden, [(c.keys, c.values) for c in caches]
 
