@@ -58,13 +58,13 @@ class DraftLengthController:
         self,
         max_k: int,
         *,
-        decay: float = 0.85,  # weight of past rounds in the acceptance counts, per drafting round
-        time_smoothing: float = 0.2,  # weight of a new timing in its width's running mean
+        decay: float = 0.95,  # weight of past rounds in the acceptance counts, per drafting round
+        time_smoothing: float = 0.1,  # weight of a new timing in its width's running mean
         explore_every: int = 8,  # rounds between tries of a neighbouring k
         first_probe_after: int = 4,  # plain rounds before the first probe of drafting
         max_probe_after: int = 32,
         prior_acceptance: float = 0.5,
-        prior_weight: float = 1.0,  # pseudo-counts of a position's prior: the position before
+        prior_weight: float = 2.0,  # pseudo-counts of a position's prior: the position before
         prior_step_cost: float = 0.25,  # b / a of the round-time line before two widths are timed
     ):
         if max_k < 0:

@@ -111,6 +111,38 @@ def test_follows_the_text_when_it_changes_character(seed):
         assert adaptive_rate > fixed_rate, k
 
 
+class MeasuredWorkload(Workload):
+    """The default pair at temperature 0.7 on the 2-core benchmark VM: each position's
+    conditional acceptance and each width's round time (ms), from `bench`'s table (the
+    best k is 4; rates are flat around it, so noisy estimates pull the choice off it)."""
+
+    ACCEPTANCE = [0.825, 0.824, 0.769, 0.821, 0.817, 0.814, 0.72, 0.73]
+    MS = [12.96, 14.35, 18.7, 21.2, 23.4, 26.9, 30.5, 33.0, 35.4]
+
+    def seconds(self, k):
+        return self.MS[k] / 1000
+
+    def rate(self, k):
+        return expected_tokens(self.ACCEPTANCE[:k]) / self.seconds(k)
+
+    def round(self, k):
+        accepted = 0
+        while accepted < k and self.rng.random() < self.ACCEPTANCE[accepted]:
+            accepted += 1
+        return accepted, self.seconds(k) * float(np.exp(self.noise * self.rng.standard_normal()))
+
+
+def test_stays_near_the_best_width_when_rates_are_flat_and_timings_noisy():
+    # Round times vary 20% from round to round, as on a shared machine. A short memory of
+    # acceptance (the first version's decay 0.85) chased noise and lost 5% here.
+    rates = []
+    for seed in range(4):
+        workload = MeasuredWorkload(None, noise=0.2, seed=seed)
+        chosen = run(DraftLengthController(MAX_K), workload, 1500)
+        rates.append(achieved_rate(workload, chosen[100:]) / workload.best_rate())
+    assert np.mean(rates) >= 0.96, rates
+
+
 def test_round_cost_and_expected_tokens_are_the_benchmark_model():
     assert round_cost(0, c=0.2, v_k=5.0) == 1.0
     assert round_cost(3, c=0.2, v_k=1.3) == pytest.approx(1.9)
