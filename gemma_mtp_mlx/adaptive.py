@@ -14,7 +14,9 @@ estimates both from the rounds it sees and picks the k with the highest rate:
   a + b k fitted through the widths measured so far. In decode steps that line is the
   benchmark's cost model, T(k) / T(0) = v(k) + k c (DESIGN.md 7; `round_cost`).
 
-Every few rounds it tries a neighbouring k, so the estimates around its choice stay fresh.
+Every few rounds it tries a neighbouring k for two rounds (a round's time is known only
+when the next round has its width: rounds are queued one ahead), so the estimates around
+its choice stay fresh.
 When plain decoding wins it still probes drafting now and then: again at once while the
 probes emit tokens faster than plain decoding, after twice as many plain rounds (up to a
 limit) each time one does not.
@@ -58,9 +60,9 @@ class DraftLengthController:
         self,
         max_k: int,
         *,
-        decay: float = 0.95,  # weight of past rounds in the acceptance counts, per drafting round
+        decay: float = 0.93,  # weight of past rounds in the acceptance counts, per drafting round
         time_smoothing: float = 0.1,  # weight of a new timing in its width's running mean
-        explore_every: int = 8,  # rounds between tries of a neighbouring k
+        explore_every: int = 16,  # rounds between tries of a neighbouring k (two rounds each)
         first_probe_after: int = 4,  # plain rounds before the first probe of drafting
         max_probe_after: int = 32,
         prior_acceptance: float = 0.5,
@@ -139,7 +141,7 @@ class DraftLengthController:
         if best == 0 and self.max_k:
             return self._plain_or_probe()
         self.plain_streak, self.probe_after, self.probe_paid = 0, self.first_probe_after, False
-        if self.rounds % self.explore_every == 0:
+        if self.rounds % self.explore_every in (0, 1):
             step = 1 if (self.rounds // self.explore_every) % 2 else -1
             return min(max(best + step, 0), self.max_k)
         return best

@@ -30,6 +30,7 @@ from .checkpoint import (
 )
 
 DEFAULT_NUM_DRAFT_TOKENS = 4
+MAX_SAMPLED_GRAPHS = 32  # compiled sampled drafts kept (one per draft length and set of sampling options)
 
 
 def _published_pair(size: str) -> str:
@@ -188,14 +189,18 @@ class Drafter(nn.Module):
         shared_kv: Dict[str, SharedKV],
         num_tokens: int,
         sample: Optional[Callable] = None,
+        keys: Optional[mx.array] = None,
     ) -> Tuple[mx.array, Optional[mx.array]]:
         """Draft `num_tokens` tokens after `token` (at `position`), with compiled steps.
 
-        `sample(tokens [j + 1], logits [1, vocab]) -> (token [1], log q [1, vocab])` draws
-        each draft from the drafter's processed distribution, given `token` and the j drafts
-        before it; without it drafting is greedy (all `num_tokens` steps in one compiled
-        graph). Returns (drafts [num_tokens], log q [num_tokens, vocab] or None when greedy).
-        Builds one lazy graph: nothing here waits for the device.
+        Without `sample` drafting is greedy. With `keys` ([num_tokens, 2], one random key
+        per draft), `sample(logits [1, vocab], key) -> (token [1], log q [1, vocab])` draws
+        each draft from the drafter's processed distribution; it must be a pure MLX
+        function, traced into the graph. Both run all `num_tokens` steps as one compiled
+        graph. Without `keys`, `sample(tokens [j + 1], logits [1, vocab])` is given `token`
+        and the j drafts before it (logits processors read them) and runs op by op between
+        compiled steps. Returns (drafts [num_tokens], log q [num_tokens, vocab] or None
+        when greedy). Builds one lazy graph: nothing here waits for the device.
         """
         if self._graphs is None or self._graphs.embed != embed:
             self._graphs = DraftGraphs(self, embed)
@@ -203,6 +208,8 @@ class Drafter(nn.Module):
         kv = {t: self._graphs.inputs(SharedKV(*v)) for t, v in shared_kv.items()}
         if sample is None:
             return self._graphs.greedy(num_tokens)(token, hidden, position, kv), None
+        if keys is not None:
+            return self._graphs.sampled(num_tokens, sample)(token, hidden, position, kv, keys)
         first, drafts, draft_logprobs = token, [], []
         for _ in range(num_tokens):
             logits, hidden = self._graphs.logits_step(token, hidden, position, kv)
@@ -237,6 +244,7 @@ class DraftGraphs:
         self.drafter = drafter
         self.embed = embed
         self._greedy = {}  # num_tokens -> compiled greedy draft
+        self._sampled = {}  # (num_tokens, sample) -> compiled sampled draft
         self.logits_step = mx.compile(self._logits_step, inputs=[drafter.state])
 
     @staticmethod
@@ -252,6 +260,18 @@ class DraftGraphs:
                 partial(self._greedy_draft, num_tokens), inputs=[self.drafter.state]
             )
         return self._greedy[num_tokens]
+
+    def sampled(self, num_tokens: int, sample: Callable) -> Callable:
+        """(token, hidden, position, kv, keys [num_tokens, 2]) -> (drafts [num_tokens],
+        log q [num_tokens, vocab]), each draft drawn by `sample(logits, key)`."""
+        graph = (num_tokens, sample)
+        if graph not in self._sampled:
+            if len(self._sampled) >= MAX_SAMPLED_GRAPHS:  # many sampling options (a server's requests)
+                self._sampled.clear()
+            self._sampled[graph] = mx.compile(
+                partial(self._sampled_draft, num_tokens, sample), inputs=[self.drafter.state]
+            )
+        return self._sampled[graph]
 
     def _forward(self, token, hidden, position, kv):
         """One step from the newest token [1]: (state [1, 1, H], projected hidden)."""
@@ -269,6 +289,15 @@ class DraftGraphs:
             token = self.drafter.greedy_token(state)[0]  # [1]
             drafts.append(token)
         return mx.concatenate(drafts)
+
+    def _sampled_draft(self, num_tokens, sample, token, hidden, position, kv, keys):
+        drafts, logqs = [], []
+        for i in range(num_tokens):
+            logits, hidden = self._logits_step(token, hidden, position, kv)
+            token, logq = sample(logits, keys[i])
+            drafts.append(token)
+            logqs.append(logq)
+        return mx.concatenate(drafts), mx.concatenate(logqs)
 
     def _logits_step(self, token, hidden, position, kv):
         """-> (logits [1, vocab], projected hidden [1, 1, backbone])."""

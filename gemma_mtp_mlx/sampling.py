@@ -9,6 +9,7 @@ after k acceptances sample a bonus token from p. Everything stays on the device.
 """
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable, List, Optional
 
 import mlx.core as mx
@@ -22,15 +23,16 @@ DRAFT_MODES = ("greedy", "sampled")
 class RandomKeys:
     """One generation's random state: a fresh subkey for every draw, split off a key made
     from `seed`, so a seeded run draws the same numbers whatever else runs beside it (other
-    generations in this process, other rows of a batch). Without a seed every draw uses
-    MLX's global random state."""
+    generations in this process, other rows of a batch). Without a seed the first key is
+    drawn from MLX's global random state (`mx.random.seed` makes such runs repeat)."""
 
     def __init__(self, seed: Optional[int] = None):
-        self.key = None if seed is None else mx.random.key(seed)
+        if seed is None:
+            self.key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
+        else:
+            self.key = mx.random.key(seed)
 
-    def next(self) -> Optional[mx.array]:
-        if self.key is None:
-            return None
+    def next(self) -> mx.array:
         self.key, subkey = mx.random.split(self.key)
         return subkey
 
@@ -80,17 +82,9 @@ class Sampling:
                     row = processor(seen, row)
                 rows.append(row)
             logits = mx.concatenate(rows)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if self.is_greedy or self.sampler is not None:
-            return logprobs
-        if self.top_p < 1:
-            logprobs = apply_top_p(logprobs, self.top_p)
-        if self.min_p > 0:
-            logprobs = apply_min_p(logprobs, self.min_p, self.min_tokens_to_keep)
-        if self.top_k > 0 and self.top_k < logprobs.shape[-1]:
-            logprobs = apply_top_k(logprobs, self.top_k)
-        logprobs = logprobs / self.temp
-        return logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+            return _normaliser(0.0, 1.0, 0.0, 0, 1)(logits)
+        return _normaliser(self.temp, self.top_p, self.min_p, self.top_k, self.min_tokens_to_keep)(logits)
 
     def sample(self, logprobs: mx.array, key: Optional[mx.array] = None) -> mx.array:
         """One token per row of processed log-probabilities: [N, V] -> [N]. `key`: an MLX
@@ -99,7 +93,13 @@ class Sampling:
             return self.sampler(logprobs)
         if self.is_greedy:
             return mx.argmax(logprobs, axis=-1)
-        return mx.random.categorical(logprobs, key=self.keys.next() if key is None else key)
+        return _categorical(logprobs, self.keys.next() if key is None else key)
+
+    @property
+    def draw(self) -> Callable[[mx.array, mx.array], tuple]:
+        """These options' draw as a pure function for `mx.compile` to trace (no logits
+        processors): (logits [N, V], key) -> (tokens [N], processed log-probabilities [N, V])."""
+        return _drawer(self.temp, self.top_p, self.min_p, self.top_k, self.min_tokens_to_keep)
 
     def accept(self, drafts: mx.array, draft_logprobs: Optional[mx.array], logprobs: mx.array,
                key: Optional[mx.array] = None):
@@ -107,33 +107,103 @@ class Sampling:
 
         drafts [..., k]; draft_logprobs [..., k, V] (log q; None for one-hot greedy drafts);
         logprobs [..., k + 1, V] (log p); `key`: an MLX random key for the draws (default:
-        the global random state). Leading axes are independent sequences. Returns
-        (accepted count [...], the target's token for every position [..., k + 1]: the one
-        emitted after `accepted` drafts is at index `accepted`).
+        the next of this generation's keys). Leading axes are independent sequences.
+        Returns (accepted count [...], choices [..., k + 1]: the target's token emitted
+        after `accepted` drafts is at index `accepted`; greedy or with a sampler every
+        index holds the target's choice at that position).
         """
-        k = drafts.shape[-1]
         drafts = drafts.astype(mx.int32)
-        if not self.exact_distribution:
-            # Greedy, or a black-box sampler: keep drafts while they equal the target's own
-            # choice at that position. Each emitted token is the target's choice: exact.
-            choices = self.sample(logprobs)
-            matches = drafts == choices[..., :k]
-            return mx.cumprod(matches.astype(mx.int32), axis=-1).sum(-1), choices
-        p = mx.exp(logprobs)
+        if self.is_greedy:
+            return _judge_greedy(drafts, logprobs)
+        if not self.exact_distribution:  # a black-box sampler
+            return _matching(drafts, self.sample(logprobs))
+        key = self.keys.next() if key is None else key
+        if drafts.shape[-1] == 0:  # plain decoding: one draw from p
+            return mx.zeros(drafts.shape[:-1], mx.int32), _categorical(logprobs, key)
         if draft_logprobs is None:
-            q = mx.zeros(p[..., :k, :].shape, dtype=p.dtype)
-            q = mx.put_along_axis(q, drafts[..., None], mx.array(1.0, p.dtype), axis=-1)
-        else:
-            q = mx.exp(draft_logprobs)
-        p_draft = mx.take_along_axis(p[..., :k, :], drafts[..., None], axis=-1)[..., 0]
-        q_draft = mx.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
-        uniform_key, residual_key = mx.random.split(key) if key is not None else (self.keys.next(), self.keys.next())
-        accepted_each = mx.random.uniform(shape=drafts.shape, key=uniform_key) * q_draft < p_draft
-        accepted = mx.cumprod(accepted_each.astype(mx.int32), axis=-1).sum(-1)
-        residual = mx.maximum(p[..., :k, :] - q, 0)
-        # Where p <= q everywhere the draft is always accepted; keep the row valid anyway.
-        residual = mx.where(residual.sum(-1, keepdims=True) > 0, residual, p[..., :k, :])
-        choices = mx.random.categorical(
-            mx.log(mx.concatenate([residual, p[..., k:, :]], axis=-2)), key=residual_key
-        )
-        return accepted, choices
+            return _judge_one_hot_drafts(drafts, logprobs, key)
+        return _judge_sampled_drafts(drafts, logprobs, key, draft_logprobs)
+
+
+@lru_cache(maxsize=64)
+def _normaliser(temp: float, top_p: float, min_p: float, top_k: int, min_tokens_to_keep: int):
+    """A compiled logits [N, V] -> processed log-probabilities [N, V] for one set of
+    options: log-softmax, then (temp > 0) top-p / min-p / top-k and the temperature."""
+
+    def normalise(logits):
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if temp == 0:
+            return logprobs
+        if top_p < 1:
+            logprobs = apply_top_p(logprobs, top_p)
+        if min_p > 0:
+            logprobs = apply_min_p(logprobs, min_p, min_tokens_to_keep)
+        if 0 < top_k < logprobs.shape[-1]:
+            logprobs = apply_top_k(logprobs, top_k)
+        logprobs = logprobs / temp
+        return logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+
+    return mx.compile(normalise)
+
+
+@lru_cache(maxsize=64)
+def _drawer(temp: float, top_p: float, min_p: float, top_k: int, min_tokens_to_keep: int):
+    normalise = _normaliser(temp, top_p, min_p, top_k, min_tokens_to_keep)
+
+    def draw(logits, key):
+        logprobs = normalise(logits)
+        return mx.random.categorical(logprobs, key=key), logprobs
+
+    return draw
+
+
+@mx.compile
+def _categorical(logprobs: mx.array, key: mx.array) -> mx.array:
+    return mx.random.categorical(logprobs, key=key)
+
+
+def _matching(drafts: mx.array, choices: mx.array):
+    """Keep drafts while they equal the target's choice at their position; each emitted
+    token is the target's choice: exact. -> (accepted [...], choices)"""
+    matches = drafts == choices[..., : drafts.shape[-1]]
+    return mx.cumprod(matches.astype(mx.int32), axis=-1).sum(-1), choices
+
+
+@mx.compile
+def _judge_greedy(drafts: mx.array, logprobs: mx.array):
+    return _matching(drafts, mx.argmax(logprobs, axis=-1))
+
+
+def _judge(drafts: mx.array, logprobs: mx.array, key: mx.array, draft_logprobs: Optional[mx.array] = None):
+    """Leviathan et al.'s rule for k >= 1 drafts (shapes as `Sampling.accept`; q one-hot at
+    each draft when `draft_logprobs` is None). One categorical draw, from the row the
+    emitted token comes from: normalize(max(0, p - q)) at the first rejected draft, p
+    after all k were kept. Every index of the returned choices holds that draw."""
+    k, vocab = drafts.shape[-1], logprobs.shape[-1]
+    uniform_key, residual_key = mx.random.split(key)
+    p_drafts = mx.exp(mx.take_along_axis(logprobs[..., :k, :], drafts[..., None], axis=-1)[..., 0])
+    if draft_logprobs is None:
+        q_drafts = mx.ones(drafts.shape, logprobs.dtype)
+    else:
+        q_drafts = mx.exp(mx.take_along_axis(draft_logprobs, drafts[..., None], axis=-1)[..., 0])
+    kept = mx.random.uniform(shape=drafts.shape, key=uniform_key) * q_drafts < p_drafts
+    accepted = mx.cumprod(kept.astype(mx.int32), axis=-1).sum(-1)  # [...]
+    row = accepted[..., None, None]
+    logp = mx.take_along_axis(logprobs, row, axis=-2)  # [..., 1, V]
+    rejected = mx.minimum(row, k - 1)  # the first rejected draft (any valid row after k kept)
+    if draft_logprobs is None:
+        draft = mx.take_along_axis(drafts, rejected[..., 0], axis=-1)  # [..., 1]
+        q = (mx.arange(vocab) == draft[..., None]).astype(logp.dtype)
+    else:
+        q = mx.exp(mx.take_along_axis(draft_logprobs, rejected, axis=-2))
+    p = mx.exp(logp)
+    residual = mx.maximum(p - q, 0)
+    # Where p <= q everywhere the draft is always accepted; keep the row valid anyway.
+    residual = mx.where(residual.sum(-1, keepdims=True) > 0, residual, p)
+    draw_from = mx.where(row < k, mx.log(residual), logp)[..., 0, :]  # [..., V] (mx.vmap cannot draw from [1, V])
+    choice = mx.random.categorical(draw_from, key=residual_key)  # [...]
+    return accepted, mx.broadcast_to(choice[..., None], drafts.shape[:-1] + (k + 1,))
+
+
+_judge_one_hot_drafts = mx.compile(_judge)
+_judge_sampled_drafts = mx.compile(_judge)

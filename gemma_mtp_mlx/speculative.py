@@ -1,8 +1,13 @@
 """The speculative round: draft k -> verify k + 1 -> accept -> roll back.
 
-One host synchronisation per round. The next round is queued on the device
-(`mx.async_eval`) before the current round's tokens are handed to the caller, so
-detokenising and streaming overlap with the device's work.
+One host synchronisation per round, and the device never waits for the host: round r + 1
+is built and queued (`mx.async_eval`) before the host reads round r's outcome. Its input
+token, hidden state, position and cache slots are taken on the device from round r's
+accepted count; the caches' offsets on the host count all of round r's drafts until that
+count is read, then drop the rejected ones ("settle"). Building a round's graphs takes the
+host a fifth of a round on the default pair: this hides it. Rounds with logits processors
+(which read the tokens so far) and caches the compiled forward does not take wait for the
+outcome first.
 """
 
 import time
@@ -42,8 +47,9 @@ class RoundInput:
 
     token: mx.array  # [1]
     hidden: mx.array  # [1, 1, hidden]: the target's final-norm state that chose `token`
-    position: int  # position of `token`
+    position: int  # position of `token`, counting every draft of the round before as kept until settled
     history: mx.array  # every token before `token` (kept current only for logits processors)
+    unsettled: Optional[mx.array] = None  # int32 []: the round before's rejected drafts, not yet read
 
 
 @dataclass
@@ -106,23 +112,29 @@ def generate_rounds(
     k = num_draft_tokens if drafter is not None and controller is None else 0
     start, first_logprob = first_token(target, prompt, cache, sampling, prefill_step_size)
     pending = queue_round(target, drafter, cache, sampling, start, round_length(controller, k))
-    clock = RoundClock(controller)
+    widest = controller.max_k if controller is not None else k
+    ahead = not sampling.logits_processors and target.compiled.handles_length(widest + 1, cache)
+    clock = RoundClock(controller, every_round_ahead=ahead)
     try:
         yield Round(start.position - 1, [], 0, start.token.tolist(), first_logprob.tolist(), from_prefill=True)
         while True:
             current, pending = pending, None
-            if not current.k:
-                # Plain decoding keeps every round's one token, so the next round does not
-                # depend on this one's outcome: queue it before waiting (as mlx-lm does),
-                # and the device never idles while the host builds a graph.
-                start = next_input(sampling, start, current, 0)
+            if ahead or not current.k:
+                # Queue the next round before waiting for this one (a plain round keeps its
+                # one token: nothing to settle), so the device never idles while the host
+                # builds a graph.
+                start = next_input(sampling, start, current, None if current.k else 0)
                 pending = queue_round(target, drafter, cache, sampling, start, round_length(controller, k))
             round_ = current.result()
-            clock.observe(round_, queued_behind=pending is not None)
-            if current.k:
+            clock.observe(round_, next_k=None if pending is None else pending.k)
+            if pending is None:
                 rollback_cache(cache, round_.position + round_.accepted + 1)  # drop the rejected drafts
                 start = next_input(sampling, start, current, round_.accepted)
                 pending = queue_round(target, drafter, cache, sampling, start, round_length(controller, k))
+            elif current.k:
+                settle(cache, current.k - round_.accepted)
+                start.position = pending.position = round_.position + round_.accepted + 1
+                start.unsettled = None
             yield round_
     finally:
         if pending is not None:  # the caller stopped: let the round in flight finish
@@ -138,20 +150,31 @@ class RoundClock:
     """Tells an adaptive controller each round's outcome and how long it took (host time
     between consecutive round results; no extra synchronisation)."""
 
-    def __init__(self, controller):
+    def __init__(self, controller, every_round_ahead: bool = False):
         self.controller = controller
+        self.every_round_ahead = every_round_ahead  # each round is queued before the one before finishes
         self.finished: Optional[float] = None  # when the last round's outcome reached the host
         self.overlapped = False  # the round now in flight was queued before the last one finished
 
-    def observe(self, round_: Round, queued_behind: bool) -> None:
+    def observe(self, round_: Round, next_k: Optional[int]) -> None:
+        """`next_k`: the k of the round queued before this one's outcome was read (None:
+        none was)."""
         if self.controller is None:
             return
         now = time.perf_counter()
-        # A drafting round queued behind a plain one ran partly before `finished`: its time
-        # is unknown. Back-to-back plain rounds share it out on average.
-        timed = self.finished is not None and not (round_.k and self.overlapped)
-        self.controller.observe(round_.k, round_.accepted, now - self.finished if timed else None)
-        self.finished, self.overlapped = now, queued_behind
+        if self.every_round_ahead:
+            # The time since the last outcome holds the host building the next round as
+            # well as this round's device time: it is this width's cost only when the next
+            # round has the same width.
+            timed = next_k == round_.k
+        else:
+            # Only plain rounds are queued ahead: a drafting round queued behind a plain one
+            # ran partly before `finished`, so its time is unknown; back-to-back plain
+            # rounds share the time out on average.
+            timed = not (round_.k and self.overlapped)
+        seconds = now - self.finished if timed and self.finished is not None else None
+        self.controller.observe(round_.k, round_.accepted, seconds)
+        self.finished, self.overlapped = now, next_k is not None
 
 
 def first_token(target: Target, prompt: mx.array, cache: List, sampling: Sampling, step_size: int):
@@ -173,7 +196,7 @@ def queue_round(target: Target, drafter, cache: List, sampling: Sampling, start:
     with mx.stream(GENERATION_STREAM):
         drafts, draft_logq = draft(target, drafter, cache, sampling, start, k)
         inputs = mx.concatenate([start.token, drafts.astype(start.token.dtype)])  # [k + 1]
-        logits, hiddens = target(inputs[None], cache)
+        logits, hiddens = target(inputs[None], cache, start.unsettled)
         logprobs = sampling.process(start.history, inputs, logits[0])  # [k + 1, vocab]
         accepted, choices = sampling.accept(drafts, draft_logq, logprobs)
         pending = PendingRound(start.position, drafts, accepted, choices, hiddens,
@@ -187,11 +210,15 @@ def draft(target: Target, drafter, cache: List, sampling: Sampling, start: Round
     its argmax)."""
     if not k:
         return mx.array([], dtype=mx.uint32), None
-    sample = None
+    sample = keys = None
     if sampling.exact_distribution and sampling.draft_mode == "sampled":
-        sample = partial(sample_draft, sampling, start.history)
-    shared_kv = target.drafter_kv(cache)
-    return drafter.draft(target.embed, start.token, start.hidden, start.position, shared_kv, k, sample)
+        if sampling.logits_processors:  # they read the drafts so far: op by op
+            sample = partial(sample_draft, sampling, start.history)
+        else:  # traced into the compiled draft
+            sample, keys = sampling.draw, mx.random.split(sampling.keys.next(), k)
+    shared_kv = target.drafter_kv(cache, start.unsettled)
+    position = start.position if start.unsettled is None else start.position - start.unsettled
+    return drafter.draft(target.embed, start.token, start.hidden, position, shared_kv, k, sample, keys)
 
 
 def sample_draft(sampling: Sampling, history: mx.array, tokens: mx.array, logits: mx.array):
@@ -204,14 +231,29 @@ def sample_draft(sampling: Sampling, history: mx.array, tokens: mx.array, logits
     return sampling.sample(logq), logq
 
 
-def next_input(sampling: Sampling, start: RoundInput, pending: PendingRound, accepted: int) -> RoundInput:
-    """The input of the round after `pending`, which kept `accepted` drafts."""
+def next_input(sampling: Sampling, start: RoundInput, pending: PendingRound, accepted: Optional[int]) -> RoundInput:
+    """The input of the round after `pending`, which kept `accepted` drafts (None: not
+    read yet; taken on the device, the position counting every draft as kept)."""
+    if accepted is None:
+        n = pending.accepted.reshape(1).astype(mx.int32)
+        return RoundInput(mx.take(pending.choices, n), mx.take(pending.hiddens, n, axis=1),
+                          start.position + pending.k + 1, start.history, pending.k - pending.accepted.astype(mx.int32))
     history = start.history
     if sampling.logits_processors:  # only they read the history
         kept = pending.drafts[:accepted].astype(start.token.dtype)
         history = mx.concatenate([history, start.token, kept])
     n = accepted
     return RoundInput(pending.choices[n : n + 1], pending.hiddens[:, n : n + 1], start.position + n + 1, history)
+
+
+def settle(cache: List, rejected: int) -> None:
+    """Drop a round's `rejected` drafts from the caches' offsets once the host knows their
+    number. The next round, already queued, wrote its entries where they belong (right
+    after the kept positions); the rejected drafts' slots lie past the new end and are no
+    longer seen."""
+    if rejected:
+        for c in cache:
+            c.trim(rejected)
 
 
 def token_logprobs(logprobs: mx.array, tokens: mx.array) -> mx.array:

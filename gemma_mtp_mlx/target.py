@@ -8,7 +8,7 @@ K/V-computing layer of each attention type.
 """
 
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -52,10 +52,14 @@ class Target:
         """The scaled token embedding the target feeds its first layer: [..., hidden]."""
         return self.backbone.embed_tokens(tokens) * self.backbone.embed_scale
 
-    def __call__(self, tokens: mx.array, cache: List) -> Tuple[mx.array, mx.array]:
-        """tokens [1, L] -> (logits [1, L, vocab], final-norm hidden [1, L, hidden])."""
-        if self.compiled.handles(tokens, cache):
-            return self.compiled(tokens, cache)
+    def __call__(self, tokens: mx.array, cache: List, unsettled: Optional[mx.array] = None) -> Tuple[mx.array, mx.array]:
+        """tokens [1, L] -> (logits [1, L, vocab], final-norm hidden [1, L, hidden]).
+
+        `unsettled` (int32 []): how many of the cache's newest positions are dropped before
+        these tokens, a count still on the device (the previous round's rejected drafts);
+        the caches' own offsets still count them. Needs the compiled forward."""
+        if unsettled is not None or self.compiled.handles(tokens, cache):
+            return self.compiled(tokens, cache, unsettled)
         hidden = self.backbone(tokens, cache=cache)
         return self.logits(hidden), hidden
 
@@ -69,19 +73,23 @@ class Target:
             logits = logit_softcap(self.lm.final_logit_softcapping, logits)
         return logits
 
-    def drafter_kv(self, cache: List) -> Dict[str, SharedKV]:
+    def drafter_kv(self, cache: List, unsettled: Optional[mx.array] = None) -> Dict[str, SharedKV]:
         """The producers' K/V buffers and the verified slots the drafter sees, per layer type.
 
         Full attention: every cached position. Sliding: the last `window + 1` positions,
-        the span the drafter's inclusive sliding window covers.
+        the span the drafter's inclusive sliding window covers. With `unsettled` (as in
+        `__call__`) the span's ends are arrays.
         """
         kv = {}
         for layer_type, i in self.producers.items():
             c = cache[i]
-            if isinstance(c, SlidingKVCache):
-                start, end = max(0, c.used - self.args.sliding_window - 1), c.used
+            end = (c.used if isinstance(c, SlidingKVCache) else c.offset) - (0 if unsettled is None else unsettled)
+            if not isinstance(c, SlidingKVCache):
+                start = 0
+            elif unsettled is None:
+                start = max(0, end - self.args.sliding_window - 1)
             else:
-                start, end = 0, c.offset
+                start = mx.maximum(end - self.args.sliding_window - 1, 0)
             kv[layer_type] = SharedKV(c.keys, c.values, start, end)
         return kv
 
@@ -110,14 +118,19 @@ class CompiledForward:
     def handles(self, tokens: mx.array, cache: List) -> bool:
         """Whether this forward can run compiled: a short one, on the target's own caches
         after their first write."""
+        return self.handles_length(tokens.shape[1], cache)
+
+    def handles_length(self, num_new: int, cache: List) -> bool:
         return (
             cache is not None
-            and tokens.shape[1] <= MAX_COMPILED_TOKENS
+            and num_new <= MAX_COMPILED_TOKENS
             and len(cache) == len(self.layer_types)
             and all(type(c) in self.CACHES and c.keys is not None for c in cache)
         )
 
-    def __call__(self, tokens: mx.array, cache: List) -> Tuple[mx.array, mx.array]:
+    def __call__(self, tokens: mx.array, cache: List, unsettled: Optional[mx.array] = None) -> Tuple[mx.array, mx.array]:
+        """As `Target.__call__`; with `unsettled`, room is made as if none of those
+        positions were dropped, and the new entries go that many slots earlier."""
         num_new = tokens.shape[1]
         buffers, rows = [], {}
         for c, kind in zip(cache, self.layer_types):
@@ -128,7 +141,10 @@ class CompiledForward:
                 slots, positions, starts = [slot], [c.offset], [start]
             buffers.append((c.keys, c.values))
             if kind not in rows:  # the same for every layer of a type: their buffers move together
-                rows[kind] = tuple(mx.array(r, dtype=mx.int32) for r in (positions, slots, starts))
+                positions, slots, starts = (mx.array(r, dtype=mx.int32) for r in (positions, slots, starts))
+                if unsettled is not None:
+                    positions, slots = positions - unsettled, slots - unsettled
+                rows[kind] = positions, slots, starts
         logits, hidden, written = self._forward(tokens, buffers, rows)
         for c, (keys, values) in zip(cache, written):
             if isinstance(c, RaggedKVCache):

@@ -1,15 +1,15 @@
 """`gemma-mtp bench --profile`: where a speculative round's time goes.
 
-A round is: wait for the device to finish the round in flight (`accepted.item()`, the one
-host synchronisation), hand its tokens out, roll the cache back, then build the next
-round's lazy graph (draft, verify forward, acceptance) and queue it (`mx.async_eval`).
-While the host builds, the device has nothing queued. This runs the real round
+A round is: build the next round's lazy graph (draft, verify forward, acceptance) and queue
+it (`mx.async_eval`), then wait for the device to finish the round before it
+(`accepted.item()`, the one host synchronisation), settle the caches and hand its tokens
+out. The device runs the earlier round while the host builds (rounds with logits
+processors build only after the wait, with nothing queued). This runs the real round
 (`speculative.generate_rounds`) with the target, drafter and sampling wrapped in timers,
 and splits each round's wall time into those host phases, the queueing call, and the rest:
 waiting for the device plus the bookkeeping between rounds. On MLX's CPU backend
 `mx.async_eval` returns only once few operations are left in flight, so there `queue`
-holds most of the device's time and `wait` little of it; the host build phases are the
-time the device idles.
+holds most of the device's time and `wait` little of it.
 """
 
 import statistics
@@ -25,7 +25,7 @@ from .speculative import generate_rounds
 from .target import Target
 
 PHASES = ("draft", "verify", "accept", "queue")
-BUILD = ("draft", "verify", "accept")  # host work while nothing is queued
+BUILD = ("draft", "verify", "accept")  # host graph building
 
 
 class _Clock:
@@ -49,8 +49,8 @@ class _TimedTarget(Target):
         super().__init__(target.model)
         self._forward = clock.timed("verify", super().__call__)
 
-    def __call__(self, tokens, cache):
-        return self._forward(tokens, cache)
+    def __call__(self, tokens, cache, unsettled=None):
+        return self._forward(tokens, cache, unsettled)
 
 
 class _Proxy:

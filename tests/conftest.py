@@ -134,7 +134,7 @@ class OracleDrafter:
     def __init__(self, sequence):
         self.sequence = sequence
 
-    def draft(self, embed, token, hidden, position, shared_kv, num_tokens, sample=None):
+    def draft(self, embed, token, hidden, position, shared_kv, num_tokens, sample=None, keys=None):
         assert token.item() == self.sequence[position]
         return mx.array(self.sequence[position + 1 : position + 1 + num_tokens]), None
 

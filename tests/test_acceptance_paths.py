@@ -17,7 +17,7 @@ class RandomDrafter:
         self.rng = np.random.default_rng(seed)
         self.vocab_size = vocab_size
 
-    def draft(self, embed, token, hidden, position, shared_kv, num_tokens, sample=None):
+    def draft(self, embed, token, hidden, position, shared_kv, num_tokens, sample=None, keys=None):
         return mx.array(self.rng.integers(0, self.vocab_size, size=num_tokens)), None
 
 

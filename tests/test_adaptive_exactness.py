@@ -30,8 +30,9 @@ class Cycle(DraftLengthController):
 
 
 class FollowsTheDraws(DraftLengthController):
-    """k depends on the random outcome of the round before, as an adaptive controller's
-    does: 1 for the first round, then 2 after a rejection and 3 after an acceptance."""
+    """k depends on random outcomes, as an adaptive controller's does: 1 until an outcome is
+    known, then 2 after a rejection and 3 after an acceptance. Rounds are queued one ahead,
+    so the second round is chosen before the first's outcome and the third follows it."""
 
     def __init__(self):
         super().__init__(3)
@@ -81,13 +82,16 @@ class AgreeingDrafter:
     def __init__(self, target, prompt):
         self.target, self.sequence, self.proposed = target, list(prompt), []
 
-    def draft(self, embed, token, hidden, position, shared_kv, num_tokens, sample=None):
+    def draft(self, embed, token, hidden, position, shared_kv, num_tokens, sample=None, keys=None):
         self.sequence += self.proposed[: position - len(self.sequence)]  # the accepted drafts
         assert len(self.sequence) == position
         context, drafts, logqs = self.sequence + [token.item()], [], []
-        for _ in range(num_tokens):
+        for i in range(num_tokens):
             logits, _ = self.target(mx.array([context]), None)
-            draft, logq = sample(mx.array(context[-1:]), 0.5 * logits[0, -1:])
+            if keys is not None:  # sampling traced into a compiled draft: one key per draft
+                draft, logq = sample(0.5 * logits[0, -1:], keys[i])
+            else:
+                draft, logq = sample(mx.array(context[-1:]), 0.5 * logits[0, -1:])
             context.append(draft.item())
             drafts.append(draft)
             logqs.append(logq)
@@ -102,13 +106,14 @@ SAMPLES = 500
 def test_sampled_auto_keeps_the_target_distribution(policy, mlx_pairs):
     e2b = mlx_pairs["e2b"]
     sampling = Sampling(temp=1.0)
-    joint = exact_joint_with_processors(e2b.target, sampling, MIN_EXPECTED / SAMPLES)
+    length = 4  # the third round is the first whose k followed a draw
+    joint = exact_joint_with_processors(e2b.target, sampling, MIN_EXPECTED / SAMPLES, length)
     samples, rounds_by_k, accepted = [], np.zeros(4, int), 0
     for i in range(SAMPLES):
         drafter = AgreeingDrafter(e2b.target, PROMPT) if policy is FollowsTheDraws else e2b.drafter
         responses = list(stream_generate(e2b.target, e2b.tokenizer, PROMPT, draft_model=drafter,
                                          num_draft_tokens=policy if policy == "auto" else policy(),
-                                         max_tokens=3, temp=1.0, seed=i))
+                                         max_tokens=length, temp=1.0, seed=i))
         samples.append(tokens(responses))
         rounds_by_k[: len(responses[-1].stats.rounds_by_k)] += responses[-1].stats.rounds_by_k[:4]
         accepted += responses[-1].stats.accepted_tokens

@@ -84,7 +84,7 @@ class GivenDrafts:
         self.drafter = drafter
         self.drafts = drafts
 
-    def draft(self, embed, token, hidden, position, shared_kv, num_tokens, sample=None):
+    def draft(self, embed, token, hidden, position, shared_kv, num_tokens, sample=None, keys=None):
         given = iter(self.drafts)
 
         def take_given_draft(tokens, logits):

@@ -1,13 +1,15 @@
 """The compiled draft (`Drafter.draft`: whole K/V buffers, a visibility mask, position as an
 array) proposes exactly what the op-by-op reference step (`Drafter.step` on the visible
 views) proposes: every fixture pair, below and past the sliding window, both heads,
-greedy and sampled drafting, float and quantized drafters."""
+greedy and sampled drafting (a sampler between steps, and sampling traced into the graph),
+float and quantized drafters."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from gemma_mtp_mlx.cache import rollback_cache
+from gemma_mtp_mlx.sampling import Sampling
 
 WINDOW = 16
 K = 6
@@ -33,16 +35,17 @@ def argmax_sampler(token, logits):
     return mx.argmax(logits, axis=-1), logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
-def reference_draft(drafter, target, token, hidden, position, cache, sample=None):
+def reference_draft(drafter, target, token, hidden, position, cache, sample=None, keys=None):
     """The draft loop op by op: `Drafter.step` on the visible K/V views."""
     shared_kv = target.drafter_kv(cache)
     drafts, logqs = [], []
-    for _ in range(K):
+    for i in range(K):
         state, hidden = drafter.step(target.embed(token)[None], hidden, position, shared_kv)
         if sample is None:
             token = drafter.greedy_token(state)[0]
         else:
-            token, logq = sample(token, drafter.logits(state)[0])
+            token, logq = sample(drafter.logits(state)[0], keys[i]) if keys is not None else sample(
+                token, drafter.logits(state)[0])
             logqs.append(logq)
         drafts.append(token)
     return mx.concatenate(drafts), mx.concatenate(logqs) if logqs else None
@@ -50,9 +53,12 @@ def reference_draft(drafter, target, token, hidden, position, cache, sample=None
 
 def assert_same_drafts(target, drafter, length):
     token, hidden, cache = verified_state(target, length)
-    for sample in (None, argmax_sampler):
-        ours, ours_logq = drafter.draft(target.embed, token, hidden, length, target.drafter_kv(cache), K, sample)
-        ref, ref_logq = reference_draft(drafter, target, token, hidden, length, cache, sample)
+    # greedy; a sampler run op by op between compiled steps; real sampling traced into the graph
+    keys = mx.random.split(mx.random.key(length), K)
+    for sample, sample_keys in ((None, None), (argmax_sampler, None), (Sampling(temp=0.8, top_k=50).draw, keys)):
+        ours, ours_logq = drafter.draft(target.embed, token, hidden, length, target.drafter_kv(cache), K, sample,
+                                        sample_keys)
+        ref, ref_logq = reference_draft(drafter, target, token, hidden, length, cache, sample, sample_keys)
         assert ours.tolist() == ref.tolist(), f"length {length}, {'sampled' if sample else 'greedy'}"
         if sample is not None:
             ours_logq = np.array(ours_logq.astype(mx.float32))

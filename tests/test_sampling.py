@@ -122,8 +122,9 @@ def test_wrong_acceptance_rule_fails_the_same_test(wrong_rule, draft_mode, state
     assert chi_square_p_value(samples, joint) < 1e-6
 
 
-def exact_joint_with_processors(target, sampling, min_prob):
-    """As `exact_joint`, for samplings whose logits processors read each row's history."""
+def exact_joint_with_processors(target, sampling, min_prob, length=3):
+    """As `exact_joint` (over `length` tokens), for samplings whose logits processors read
+    each row's history."""
     def next_logprobs(prefixes):
         cache_free = np.array([PROMPT + list(p) for p in prefixes])
         logits, _ = target(mx.array(cache_free), None)
@@ -131,12 +132,12 @@ def exact_joint_with_processors(target, sampling, min_prob):
                 for i, row in enumerate(cache_free)]
         return np.exp(np.array(mx.concatenate(rows)))
 
-    p1 = next_logprobs([()])[0]
-    first = [(a,) for a in np.flatnonzero(p1 >= min_prob)]
-    p2 = next_logprobs(first)
-    pairs = [((a, b), p1[a] * p2[i, b]) for i, (a,) in enumerate(first) for b in np.flatnonzero(p1[a] * p2[i] >= min_prob)]
-    p3 = next_logprobs([ab for ab, _ in pairs])
-    return {ab + (c,): mass * p3[i, c] for i, (ab, mass) in enumerate(pairs) for c in np.flatnonzero(mass * p3[i] >= min_prob)}
+    joint = {(): 1.0}
+    for _ in range(length):
+        p = next_logprobs(list(joint))
+        joint = {prefix + (t,): mass * p[i, t] for i, (prefix, mass) in enumerate(joint.items())
+                 for t in np.flatnonzero(mass * p[i] >= min_prob)}
+    return joint
 
 
 END_TO_END_SAMPLES = 1200
