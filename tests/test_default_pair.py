@@ -12,6 +12,7 @@ import pytest
 from safetensors import safe_open
 
 from gemma_mtp_mlx import bench, load, stream_generate
+from gemma_mtp_mlx.adaptive import DraftLengthController
 from gemma_mtp_mlx.loading import DEFAULT_DRAFT_MODEL, DEFAULT_MODEL, DEFAULT_PROMPTS_FILE, MODELS_DIR
 from hf_reference import hf_logits, load_hf_target
 from test_bench import FIELDS
@@ -119,3 +120,39 @@ def test_bench_without_a_model_measures_the_shipped_pair(prompts, tmp_path):
         assert set(FIELDS) <= set(config), config["name"]
     assert {"c", "v", "decode_ms", "draft_step_ms", "isolated_draft_step_ms", "verify_ms", "round_ms"} <= set(result["costs"])
 
+
+
+def test_rounds_queued_ahead_draft_what_rounds_built_after_the_outcome_draft(default_pair, prompts):
+    """Rounds built before the host reads the previous outcome (position, cache slots and the
+    drafter's visible K/V taken on the device) draft, keep and emit exactly what rounds built
+    after it do (an identity logits processor makes the loop wait for each outcome first),
+    past the sliding window and with widths that change every round (`auto`)."""
+    target, tokenizer, drafter = default_pair
+    window = target.args.sliding_window
+
+    def rounds(prompt, k, waits):
+        processors = [lambda tokens, logits: logits] if waits else None
+        responses = list(stream_generate(target, tokenizer, prompt, draft_model=drafter, num_draft_tokens=k,
+                                         max_tokens=window + 40, logits_processors=processors, record_rounds=True))
+        return [(r["position"], r["k"], r["drafted"], r["accepted"], r["emitted"]) for r in responses[-1].stats.rounds_log]
+
+    for prompt in prompts[:2]:
+        ahead = rounds(prompt, 4, waits=False)
+        assert ahead == rounds(prompt, 4, waits=True)
+        assert sum(accepted for _, _, _, accepted, _ in ahead) > len(ahead)  # drafts are being kept
+    # `auto`'s widths, replayed the same way with the loop waiting
+    ahead = rounds(prompts[2], "auto", waits=False)
+    widths = [k for _, k, _, _, _ in ahead[1:]]
+    assert len(set(widths)) > 1
+    assert rounds(prompts[2], Replay(widths), waits=True) == ahead
+
+
+class Replay(DraftLengthController):
+    """Chooses the given widths in turn."""
+
+    def __init__(self, widths):
+        super().__init__(max(widths))
+        self.widths = iter(widths)
+
+    def choose(self) -> int:
+        return next(self.widths, 0)
