@@ -15,8 +15,8 @@ class PerturbedVerify(Target):
     """A target whose multi-token forwards (verify, prefill) favour one token: what a
     verify kernel that sums differently would do at its worst."""
 
-    def __call__(self, tokens, cache):
-        logits, hidden = super().__call__(tokens, cache)
+    def __call__(self, tokens, cache, unsettled=None):
+        logits, hidden = super().__call__(tokens, cache, unsettled)
         if tokens.shape[1] > 1:
             logits = logits + 50.0 * (mx.arange(logits.shape[-1]) == 5)
         return logits, hidden
