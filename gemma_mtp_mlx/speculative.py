@@ -103,10 +103,10 @@ def generate_rounds(
 
     `num_draft_tokens` is every round's k, or a controller (adaptive.py) asked for each
     round's k and told each round's outcome and duration; the cache must have rollback
-    room for its largest k. After each round the cache holds every verified position
-    before the round's newest token. When the caller stops, the round still in flight is
-    finished, and the cache holds its positions too: the caller rolls it back to what it
-    kept (`rollback_cache`).
+    room for its largest k. When a round is yielded the cache holds every verified
+    position before the round's newest token, and the positions of the round queued after
+    it. When the caller stops, that round in flight is finished, and the cache keeps its
+    positions: the caller rolls it back to what it kept (`rollback_cache`).
     """
     controller = num_draft_tokens if drafter is not None and not isinstance(num_draft_tokens, int) else None
     k = num_draft_tokens if drafter is not None and controller is None else 0
