@@ -121,8 +121,8 @@ class Sampling:
         if drafts.shape[-1] == 0:  # plain decoding: one draw from p
             return mx.zeros(drafts.shape[:-1], mx.int32), _categorical(logprobs, key)
         if draft_logprobs is None:
-            return _judge_one_hot_drafts(drafts, logprobs, key)
-        return _judge_sampled_drafts(drafts, logprobs, key, draft_logprobs)
+            return _judge_compiled(drafts, logprobs, key)
+        return _judge_compiled(drafts, logprobs, key, draft_logprobs)
 
 
 @lru_cache(maxsize=64)
@@ -205,5 +205,4 @@ def _judge(drafts: mx.array, logprobs: mx.array, key: mx.array, draft_logprobs: 
     return accepted, mx.broadcast_to(choice[..., None], drafts.shape[:-1] + (k + 1,))
 
 
-_judge_one_hot_drafts = mx.compile(_judge)
-_judge_sampled_drafts = mx.compile(_judge)
+_judge_compiled = mx.compile(_judge)  # one graph per shape and per kind of draft (with or without log q)

@@ -235,9 +235,9 @@ def next_input(sampling: Sampling, start: RoundInput, pending: PendingRound, acc
     """The input of the round after `pending`, which kept `accepted` drafts (None: not
     read yet; taken on the device, the position counting every draft as kept)."""
     if accepted is None:
-        n = pending.accepted.reshape(1).astype(mx.int32)
-        return RoundInput(mx.take(pending.choices, n), mx.take(pending.hiddens, n, axis=1),
-                          start.position + pending.k + 1, start.history, pending.k - pending.accepted.astype(mx.int32))
+        n = pending.accepted.astype(mx.int32)
+        return RoundInput(mx.take(pending.choices, n[None]), mx.take(pending.hiddens, n[None], axis=1),
+                          start.position + pending.k + 1, start.history, pending.k - n)
     history = start.history
     if sampling.logits_processors:  # only they read the history
         kept = pending.drafts[:accepted].astype(start.token.dtype)
