@@ -14,6 +14,15 @@ time. One `step()` runs one round for every active row:
 
 Rows never share a length: `RaggedKVCache` writes each row's entries after its own end,
 so a rejected tail is dropped by that row alone. `batch_generate` is a loop over the engine.
+
+Rounds are queued one ahead, as in single-stream decoding (speculative.py): a step queues
+the next round before it reads the outcome of the round the step before queued, so the
+device runs one round while the host builds the next. Each row's new position and write
+slot subtract, on the device, the drafts the round before rejected (`unsettled`); the
+caches' row lengths count them until they are read. A step therefore hands out the tokens
+of the round queued by the step before it; a row that finishes there was already drafted
+for once more, and that work is dropped. Rows with logits processors (which read each
+row's tokens so far) and caches the compiled forward does not take wait for each outcome.
 """
 
 import functools
@@ -113,6 +122,20 @@ class _Judged:
         return list(zip(drafts, accepted, choices, logprobs, *top))
 
 
+@dataclass
+class _Pending:
+    """A round queued on the device for `rows` (the active rows when it was built)."""
+
+    rows: List[_Row]
+    ks: List[int]  # each row's k in this round
+    groups: "_Groups"
+    judged: List[_Judged]  # per group
+    K: int  # drafts per row (rows drafting fewer ignore the rest)
+
+    def arrays(self) -> list:
+        return [j.arrays() for j in self.judged]
+
+
 class _Groups:
     """Rows (by index into a batch) split by `_Row.options`."""
 
@@ -156,14 +179,18 @@ class BatchEngine:
         self.active: List[_Row] = []
         self.cache: List[RaggedKVCache] = []  # the active rows'
         # Per active row, on the device: its newest token [B], the target state that produced
-        # it [B, 1, hidden], and its random key [B, 2].
-        self.tokens = self.hidden = self.keys = None
+        # it [B, 1, hidden], its random key [B, 2], and (int32 [B], None when every row is
+        # settled) the drafts the queued round will reject, which its cache lengths count.
+        self.tokens = self.hidden = self.keys = self.unsettled = None
+        self.pending: Optional[_Pending] = None  # the round queued and not read yet
+        self.held: List[RowEvent] = []  # events of a round read outside `step`, handed out by the next
+        self.last_read: Optional[float] = None  # when the host last read a round's outcome
         self._drop_all()
         self._uids = 0
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.active)
+        return bool(self.waiting or self.prefilling or self.active or self.held)
 
     @property
     def num_active(self) -> int:
@@ -212,7 +239,13 @@ class BatchEngine:
         return mx.array(ids, dtype=mx.uint32)
 
     def remove(self, uid: int) -> None:
-        """Drop a sequence, queued or running, and free its memory. Unknown uids are ignored."""
+        """Drop a sequence, queued or running, and free its memory. Unknown uids are ignored.
+        A round in flight is read first (its other rows' tokens come with the next step)."""
+        if self.pending is not None and any(r.uid == uid for r in self.active):
+            with mx.stream(GENERATION_STREAM):
+                self.held += self._read(self.pending)
+            self.pending = self.unsettled = None
+        self.held = [e for e in self.held if e.uid != uid]
         self.waiting = deque(r for r in self.waiting if r.uid != uid)
         prefilling = [i for i, r in enumerate(self.prefilling) if r.uid != uid]
         if len(prefilling) < len(self.prefilling):
@@ -232,15 +265,21 @@ class BatchEngine:
         if keep:
             index = mx.array(keep)
             self.tokens, self.hidden, self.keys = self.tokens[index], self.hidden[index], self.keys[index]
+            if self.unsettled is not None:
+                self.unsettled = self.unsettled[index]
         else:
-            self.tokens = self.hidden = self.keys = None
+            self.tokens = self.hidden = self.keys = self.unsettled = None
+            if self.pending is not None:  # no row left to read it for: let it finish, drop it
+                mx.eval(self.pending.arrays())
+                self.pending = None
 
     def step(self) -> List[RowEvent]:
         """Admit waiting rows and prefill up to `prefill_step_size` more of their prompt
         tokens, then run one round for every active row. Returns the rows' new tokens."""
         with mx.stream(GENERATION_STREAM):
             try:
-                events = self._admit()
+                events, self.held = self.held, []
+                events += self._admit()
                 if self.active:
                     events += self._round()
             except BaseException:  # the rows' caches are in an unknown state: drop every row
@@ -253,7 +292,8 @@ class BatchEngine:
         self.prefilling, self.active = [], []
         self.prefill_cache = make_batch_cache(self.target.args, rows=0)
         self.cache = make_batch_cache(self.target.args, rows=0)
-        self.tokens = self.hidden = self.keys = None
+        self.tokens = self.hidden = self.keys = self.unsettled = None
+        self.pending, self.held = None, []
 
     def _admit(self) -> List[RowEvent]:
         """Move waiting rows into the prefill group while the batch has room, and run one
@@ -267,6 +307,7 @@ class BatchEngine:
                 c.extend(new)
         if not self.prefilling:
             return []
+        self.last_read = None  # the next outcome's wait holds this prefill: not a round's time
         tic = time.perf_counter()
         rows = self.prefilling
         remaining = [r.prompt.size - r.prefilled for r in rows]
@@ -313,7 +354,7 @@ class BatchEngine:
         for members, j in zip(groups.members, judged):
             for i, values in zip(members, j.lists()):
                 rows[i].first_token_time = time.perf_counter()
-                events.append((i, self._emit(rows[i], *values, from_prefill=True)))
+                events.append((i, self._emit(rows[i], rows[i].k, *values, from_prefill=True)))
                 events[-1][1].cached_tokens = rows[i].cached
         events.sort(key=lambda e: e[0])
         joined = [i for i, e in events if e.finish_reason is None]
@@ -328,16 +369,45 @@ class BatchEngine:
             new = (tokens[index], hidden[index], keys[index])
             old = (self.tokens, self.hidden, self.keys)
             self.tokens, self.hidden, self.keys = (n if o is None else mx.concatenate([o, n]) for o, n in zip(old, new))
+            if self.unsettled is not None:  # the joining rows are settled
+                self.unsettled = mx.concatenate([self.unsettled, mx.zeros((len(joined),), mx.int32)])
         return [e for _, e in events]
 
     def _round(self) -> List[RowEvent]:
-        rows = self.active
+        """Queue a round for every active row, and read the round queued before it."""
+        previous, self.pending = self.pending, None
+        ahead = self._queues_ahead()
+        events = []
+        if previous is not None and not ahead:
+            events += self._read(previous)
+            previous, self.unsettled = None, None
+        queued = self._queue() if self.active else None
+        if previous is not None:
+            events += self._read(previous, next_k=queued.K if queued else None)
+        if queued is not None and not ahead:
+            events += self._read(queued)
+            queued, self.unsettled = None, None
+        if queued is not None and not self.active:  # every row finished: let it run out, drop it
+            mx.eval(queued.arrays())
+            queued = None
+        self.pending = queued
+        return events
+
+    def _queues_ahead(self) -> bool:
+        """Whether the next round may be queued before the last one's outcome is read."""
+        if any(r.sampling.logits_processors for r in self.active):
+            return False
+        widest = AUTO_MAX_DRAFT_TOKENS if any(r.auto for r in self.active) else max(r.k for r in self.active)
+        return self.target.compiled.handles_length(widest + 1, self.cache)
+
+    def _queue(self) -> _Pending:
+        """Draft, verify and judge a round for every active row: a lazy graph, queued."""
+        rows = list(self.active)
         auto = [r for r in rows if r.auto]
         if auto:
             k = self.controller.choose()
             for r in auto:
                 r.k = k
-        tic = time.perf_counter()
         groups = _Groups(rows)
         K = max(r.k for r in rows)
         split = [_split_keys(self.keys[index], row.k + 1) for row, index in zip(groups.first, groups.index)]
@@ -345,30 +415,49 @@ class BatchEngine:
         draw_keys = [keys for _, keys in split]  # per group [G, k + 1, 2]: k draft keys, the acceptance key
         drafts, draft_logprobs = self._draft(rows, groups, K, draw_keys)  # [B, K], per group
         inputs = mx.concatenate([self.tokens[:, None], drafts.astype(self.tokens.dtype)], axis=1)  # [B, K + 1]
-        logits, hiddens = self.target(inputs, self.cache)  # [B, K + 1, vocab], [B, K + 1, hidden]
+        logits, hiddens = self.target(inputs, self.cache, self.unsettled)  # [B, K + 1, vocab], [B, K + 1, hidden]
         judged = [_verify(row, index, inputs, logits, q, keys[:, -1])
                   for row, index, q, keys in zip(groups.first, groups.index, draft_logprobs, draw_keys)]
-        accepted = groups.gather([j.accepted for j in judged])  # [B]
+        accepted = groups.gather([j.accepted for j in judged]).astype(mx.int32)  # [B]
         self.tokens = groups.gather([mx.take_along_axis(j.choices, j.accepted[:, None], axis=1)[:, 0]
                                      for j in judged])
         self.hidden = hiddens[mx.arange(len(rows)), accepted][:, None]
-        mx.eval([j.arrays() for j in judged], self.tokens, self.hidden, self.keys)
-        seconds = time.perf_counter() - tic
+        self.unsettled = K - accepted  # every row wrote K + 1 entries and keeps accepted + 1
+        pending = _Pending(rows, [r.k for r in rows], groups, judged, K)
+        mx.async_eval(pending.arrays(), self.tokens, self.hidden, self.keys, self.unsettled)
+        return pending
+
+    def _read(self, pending: _Pending, next_k: Optional[int] = None) -> List[RowEvent]:
+        """Wait for a queued round and hand out its tokens: each of its rows still active
+        gets its event, its cache drops the drafts it rejected, and rows that finished
+        leave. `next_k`: the K of the round queued after it (None: none is)."""
+        index = {id(r): i for i, r in enumerate(self.active)}
+        outcomes = [values for j in pending.judged for values in j.lists()]  # waits for the device
+        now = time.perf_counter()
+        timed = self.last_read is not None and next_k in (None, pending.K)
+        seconds = now - self.last_read if timed else None
+        self.last_read = now
+        order = [b for members in pending.groups.members for b in members]
+        lengths = list(self.cache[0].lengths)
         events = {}
-        for members, j in zip(groups.members, judged):
-            for i, values in zip(members, j.lists()):
-                events[i] = self._emit(rows[i], *values)
-                if rows[i].auto:  # the round's time once, every auto row's acceptance
-                    self.controller.observe(rows[i].k, values[1], seconds)
-                    seconds = None
-        for c in self.cache:  # each row keeps exactly its verified positions
-            c.set_lengths([r.position for r in rows])
-        keep = [i for i in range(len(rows)) if events[i].finish_reason is None]
-        if len(keep) < len(rows):
-            for i in set(range(len(rows))) - set(keep):
-                self._store(rows[i].verified, self.cache, i)
-            self._keep_rows(keep)
-        return [events[i] for i in range(len(rows))]
+        for b, values in zip(order, outcomes):
+            row, k = pending.rows[b], pending.ks[b]
+            i = index.get(id(row))
+            if i is None:  # it finished, or left, after this round was queued
+                continue
+            events[i] = self._emit(row, k, *values)
+            lengths[i] -= pending.K - values[1]  # its rejected drafts
+            if row.auto:  # the round's time once, every auto row's acceptance
+                self.controller.observe(k, values[1], seconds)
+                seconds = None
+        for c in self.cache:  # each row keeps exactly its verified positions (and the queued round's)
+            c.set_lengths(lengths)
+        finished = [i for i, e in events.items() if e.finish_reason is not None]
+        if finished:
+            for i in finished:
+                self._store(self.active[i].verified, self.cache, i)
+            self._keep_rows([i for i in range(len(self.active)) if i not in finished])
+        return [events[i] for i in sorted(events)]
 
     def _fetch(self, row: _Row) -> List[RaggedKVCache]:
         """The row's cache rows: the prompt cache's longest prefix of its prompt, or empty."""
@@ -379,11 +468,16 @@ class BatchEngine:
         return make_batch_cache(self.target.args, rows=1) if cache is None else ragged_row(cache)
 
     def _store(self, tokens: List[int], cache: List[RaggedKVCache], index: int) -> None:
-        """Leave row `index` of `cache`, which holds `tokens`, in the prompt cache."""
+        """Leave row `index` of `cache`, which holds `tokens` (and may hold a queued round's
+        entries after them), in the prompt cache."""
         if self.prompt_cache is None:
             return
-        entry = single_stream([c.select([index]) for c in cache])
-        mx.eval([(c.keys, c.values) for c in entry if c.keys is not None])  # lazy, it would hold the whole batch's
+        rows = [c.select([index]) for c in cache]
+        for c in rows:
+            c.set_lengths([len(tokens)])
+        entry = single_stream(rows)
+        # lazy, it would hold the whole batch's buffers: computed behind the queued round
+        mx.async_eval([(c.keys, c.values) for c in entry if c.keys is not None])
         self.prompt_cache.store(tokens, entry)
 
     def _draft(self, rows: List[_Row], groups: _Groups, K: int, draw_keys: List[mx.array]):
@@ -391,9 +485,11 @@ class BatchEngine:
         (drafts [B, K], per group its drafts' log q [G, k, vocab], or None when greedy)."""
         if K == 0:
             return mx.zeros((len(rows), 0), dtype=mx.uint32), [None] * len(groups.members)
-        positions = mx.array([r.position for r in rows])
+        positions = self.cache[0].offset  # each row's cache length: its newest token's position
+        if self.unsettled is not None:
+            positions = positions - self.unsettled
         window = self.target.args.sliding_window
-        views = {t: self.cache[i].drafter_view(window + 1 if self.cache[i].window else None)
+        views = {t: self.cache[i].drafter_view(window + 1 if self.cache[i].window else None, self.unsettled)
                  for t, i in self.target.producers.items()}
         shared_kv = {t: (k, v) for t, (k, v, _) in views.items()}
         masks = {t: m for t, (_, _, m) in views.items()}
@@ -422,11 +518,11 @@ class BatchEngine:
         logqs = [mx.stack(q[: row.k], axis=1) if q else None for q, row in zip(logqs, groups.first)]
         return mx.stack(drafts, axis=1), logqs
 
-    def _emit(self, row: _Row, drafted: List[int], n: int, choices: List[int], logprobs: List[float],
+    def _emit(self, row: _Row, k: int, drafted: List[int], n: int, choices: List[int], logprobs: List[float],
               top_ids: List, top_values: List, from_prefill: bool = False) -> RowEvent:
-        """Hand out a round's tokens, cut after EOS or at max_tokens; record its stats."""
+        """Hand out a round of `k` drafts' tokens, cut after EOS or at max_tokens; record its stats."""
         emitted = drafted[:n] + [choices[n]]
-        round_ = until_stop(Round(row.position, drafted, n, emitted, logprobs[: n + 1], from_prefill, row.k),
+        round_ = until_stop(Round(row.position, drafted, n, emitted, logprobs[: n + 1], from_prefill, k),
                              self.eos, row.max_tokens - row.generated)
         row.stats.record(round_)
         if row.sampling.logits_processors:

@@ -128,16 +128,18 @@ class RaggedKVCache:
         end = max(self._used(starts)) + N
         return visible_slots(mx.array(self.lengths), mx.array(starts), N, end, self.window)
 
-    def drafter_view(self, span: Optional[int] = None):
+    def drafter_view(self, span: Optional[int] = None, unsettled: Optional[mx.array] = None):
         """What the drafter reads for a query at each row's next position: (keys, values
         [B, H, S, D], mask [B, 1, 1, S]) over the verified positions, the last `span` of
-        them when given."""
+        them when given. `unsettled` (int32 [B]): each row's newest positions, counted in
+        its length, that are dropped (a queued round's rejected drafts, not read yet)."""
         used = self._used(self.starts)
         end = max(used)
         slot = mx.arange(end)[None]
-        mask = slot < mx.array(used)[:, None]
+        used = mx.array(used) if unsettled is None else mx.array(used) - unsettled
+        mask = slot < used[:, None]
         if span is not None:
-            mask = mask & (slot >= mx.array(used)[:, None] - span)
+            mask = mask & (slot >= used[:, None] - span)
         return self.keys[..., :end, :], self.values[..., :end, :], mask[:, None, None]
 
     def set_lengths(self, lengths: Sequence[int]) -> None:

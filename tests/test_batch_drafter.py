@@ -57,22 +57,18 @@ def batched_draft_steps(pair, prompts):
     with eos_tokens(pair.tokenizer, []):
         for _ in range(ROUNDS):
             recorder.states.clear()
-            events = engine.step()
+            # The step hands out the tokens of the round queued the step before (the first
+            # step, the token chosen from each prompt), then queues the next round, which
+            # drafts after them.
+            for event in engine.step():
+                sequences[event.uid] += event.tokens
             states = mx.concatenate(recorder.states, axis=1)  # [B, K, H]
             drafts = np.array(pair.drafter.greedy_token(states))
             log_q = np.array(log_softmax(pair.drafter.logits(states)))
             # All rows joined at the first step in insertion order and none has left, so
-            # batch row b is prompt b. A row's round event is its last of the step (the
-            # first step also hands out the token chosen from the prompt before it).
-            by_uid = {uid: [e for e in events if e.uid == uid] for uid in uids}
+            # batch row b is prompt b.
             assert len(states) == len(uids)
-            row_states = []
-            for b, uid in enumerate(uids):
-                for e in by_uid[uid][:-1]:
-                    sequences[uid] += e.tokens
-                row_states.append((list(sequences[uid]), drafts[b], log_q[b]))
-                sequences[uid] += by_uid[uid][-1].tokens
-            rounds.append(row_states)
+            rounds.append([(list(sequences[uid]), drafts[b], log_q[b]) for b, uid in enumerate(uids)])
     return rounds
 
 
