@@ -136,6 +136,12 @@ class _Pending:
         return [j.arrays() for j in self.judged]
 
 
+def _may_end_every_row(pending: _Pending) -> bool:
+    """Whether the round `pending` may hand every row it serves its last token (its
+    max_tokens; an EOS cannot be foreseen)."""
+    return all(row.max_tokens - row.generated <= k + 1 for row, k in zip(pending.rows, pending.ks))
+
+
 class _Groups:
     """Rows (by index into a batch) split by `_Row.options`."""
 
@@ -378,7 +384,9 @@ class BatchEngine:
         previous, self.pending = self.pending, None
         ahead = self._queues_ahead()
         events = []
-        if previous is not None and not ahead:
+        # A round queued behind one that ends every row would be computed and dropped:
+        # when the round in flight may reach every row's max_tokens, read it first.
+        if previous is not None and (not ahead or _may_end_every_row(previous)):
             events += self._read(previous)
             previous, self.unsettled = None, None
         queued = self._queue() if self.active else None
