@@ -191,7 +191,8 @@ def stream_generate(
         detokenizer = tokenizer.detokenizer
         detokenizer.reset()
         eos = set(tokenizer.eos_token_ids)
-        rounds = lease.rounds = generate_rounds(prompt, target, cache, sampling, draft_model, k, prefill_step_size)
+        rounds = lease.rounds = generate_rounds(prompt, target, cache, sampling, draft_model, k, prefill_step_size,
+                                                    max_tokens)
         tic = time.perf_counter()
         for round_ in rounds:
             if n == 0:

@@ -97,6 +97,7 @@ def generate_rounds(
     drafter=None,
     num_draft_tokens: Union[int, "DraftLengthController"] = 0,
     prefill_step_size: int = 512,
+    max_tokens: Optional[int] = None,
 ) -> Generator[Round, None, None]:
     """Yield rounds until the caller stops. The first round carries only the token chosen
     from the prompt's last logits.
@@ -106,20 +107,28 @@ def generate_rounds(
     room for its largest k. When a round is yielded the cache holds every verified
     position before the round's newest token, and the positions of the round queued after
     it. When the caller stops, that round in flight is finished, and the cache keeps its
-    positions: the caller rolls it back to what it kept (`rollback_cache`).
+    positions: the caller rolls it back to what it kept (`rollback_cache`). `max_tokens`:
+    the tokens the caller will take at most (the first round's included); no round is
+    queued behind one that may reach it, as it would be computed and dropped.
     """
     controller = num_draft_tokens if drafter is not None and not isinstance(num_draft_tokens, int) else None
     k = num_draft_tokens if drafter is not None and controller is None else 0
     start, first_logprob = first_token(target, prompt, cache, sampling, prefill_step_size)
-    pending = queue_round(target, drafter, cache, sampling, start, round_length(controller, k))
+    # Queued before the first token is handed out, unless that token is all the caller takes.
+    pending = None if max_tokens == 1 else queue_round(target, drafter, cache, sampling, start,
+                                                         round_length(controller, k))
     widest = controller.max_k if controller is not None else k
     ahead = not sampling.logits_processors and target.compiled.handles_length(widest + 1, cache)
     clock = RoundClock(controller, every_round_ahead=ahead)
+    taken = 1  # tokens yielded so far
     try:
         yield Round(start.position - 1, [], 0, start.token.tolist(), first_logprob.tolist(), from_prefill=True)
         while True:
+            if pending is None:  # the caller went on past max_tokens
+                pending = queue_round(target, drafter, cache, sampling, start, round_length(controller, k))
             current, pending = pending, None
-            if ahead or not current.k:
+            last = max_tokens is not None and max_tokens - taken <= current.k + 1  # it may be the last round
+            if (ahead or not current.k) and not last:
                 # Queue the next round before waiting for this one (a plain round keeps its
                 # one token: nothing to settle), so the device never idles while the host
                 # builds a graph.
@@ -127,10 +136,12 @@ def generate_rounds(
                 pending = queue_round(target, drafter, cache, sampling, start, round_length(controller, k))
             round_ = current.result()
             clock.observe(round_, next_k=None if pending is None else pending.k)
+            taken += len(round_.emitted)
             if pending is None:
                 rollback_cache(cache, round_.position + round_.accepted + 1)  # drop the rejected drafts
                 start = next_input(sampling, start, current, round_.accepted)
-                pending = queue_round(target, drafter, cache, sampling, start, round_length(controller, k))
+                if max_tokens is None or taken < max_tokens:
+                    pending = queue_round(target, drafter, cache, sampling, start, round_length(controller, k))
             elif current.k:
                 settle(cache, current.k - round_.accepted)
                 start.position = pending.position = round_.position + round_.accepted + 1

@@ -361,3 +361,27 @@ def test_rows_start_from_the_prompt_cache_and_leave_their_cache_there(pair, mlx_
     (got,), (hit,) = run([again], [WINDOW], make_logits_processors(repetition_penalty=1.3))
     assert hit == len(shared) + WINDOW - 1
     assert got == single_stream(p, again, WINDOW, logits_processors=make_logits_processors(repetition_penalty=1.3))
+
+
+def test_no_round_is_queued_behind_one_that_ends_every_row(default_pair, monkeypatch):
+    """Rounds are queued one ahead, but not behind a round that may end every row (it would
+    be computed and dropped): the engine queues exactly as many rounds as its longest row
+    ran, and every row is what single-stream decoding gives it."""
+    target, tokenizer, drafter = default_pair
+    ids = tokenizer.encode("def area(self):\n    return self.width * self.height\n")
+    prompts, limits = [ids, ids[:7]], [41, 23]
+    queued = []
+    queue = BatchEngine._queue
+
+    def counting(engine):
+        queued.append(len(engine.active))
+        return queue(engine)
+
+    monkeypatch.setattr(BatchEngine, "_queue", counting)
+    out = batch_generate(target, tokenizer, prompts, draft_model=drafter, num_draft_tokens=4, max_tokens=limits,
+                         return_token_ids=True)
+    assert out.finish_reasons == ["length", "length"]
+    assert len(queued) == max(s.rounds for s in out.stats)
+    for prompt, n, tokens in zip(prompts, limits, out.token_ids):
+        assert tokens == [r.token for r in stream_generate(target, tokenizer, prompt, draft_model=drafter,
+                                                           num_draft_tokens=4, max_tokens=n)]

@@ -156,3 +156,29 @@ class Replay(DraftLengthController):
 
     def choose(self) -> int:
         return next(self.widths, 0)
+
+
+@pytest.mark.parametrize("k", [0, 4])
+def test_no_round_is_queued_behind_the_last_one(default_pair, prompts, monkeypatch, k):
+    """A round queued behind the one that reaches max_tokens would be computed and dropped:
+    generation queues exactly the rounds it hands out (plain decoding and drafting), and the
+    tokens are those of a longer run."""
+    from gemma_mtp_mlx import speculative
+
+    target, tokenizer, drafter = default_pair
+    queued = []
+
+    def counting(*args, **kwargs):
+        queued.append(args[-1])
+        return queue_round(*args, **kwargs)
+
+    queue_round = speculative.queue_round
+    monkeypatch.setattr(speculative, "queue_round", counting)
+    options = dict(draft_model=drafter if k else None, num_draft_tokens=k or None)
+    for max_tokens in (1, 2, 37):
+        queued.clear()
+        responses = list(stream_generate(target, tokenizer, prompts[0], max_tokens=max_tokens, **options))
+        assert responses[-1].finish_reason == "length"
+        assert len(queued) == responses[-1].stats.rounds, max_tokens
+    longer = [r.token for r in stream_generate(target, tokenizer, prompts[0], max_tokens=60, **options)]
+    assert [r.token for r in responses] == longer[:37]
