@@ -275,9 +275,6 @@ class BatchEngine:
                 self.unsettled = self.unsettled[index]
         else:
             self.tokens = self.hidden = self.keys = self.unsettled = None
-            if self.pending is not None:  # no row left to read it for: let it finish, drop it
-                mx.eval(self.pending.arrays())
-                self.pending = None
 
     def step(self) -> List[RowEvent]:
         """Admit waiting rows and prefill up to `prefill_step_size` more of their prompt

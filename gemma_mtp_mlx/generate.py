@@ -192,7 +192,7 @@ def stream_generate(
         detokenizer.reset()
         eos = set(tokenizer.eos_token_ids)
         rounds = lease.rounds = generate_rounds(prompt, target, cache, sampling, draft_model, k, prefill_step_size,
-                                                    max_tokens)
+                                                max_tokens)
         tic = time.perf_counter()
         for round_ in rounds:
             if n == 0:

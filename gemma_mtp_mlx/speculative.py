@@ -10,6 +10,7 @@ host a fifth of a round on the default pair: this hides it. Rounds with logits p
 outcome first.
 """
 
+import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -114,8 +115,9 @@ def generate_rounds(
     controller = num_draft_tokens if drafter is not None and not isinstance(num_draft_tokens, int) else None
     k = num_draft_tokens if drafter is not None and controller is None else 0
     start, first_logprob = first_token(target, prompt, cache, sampling, prefill_step_size)
+    budget = math.inf if max_tokens is None else max_tokens
     # Queued before the first token is handed out, unless that token is all the caller takes.
-    pending = None if max_tokens == 1 else queue_round(target, drafter, cache, sampling, start,
+    pending = None if budget == 1 else queue_round(target, drafter, cache, sampling, start,
                                                          round_length(controller, k))
     widest = controller.max_k if controller is not None else k
     ahead = not sampling.logits_processors and target.compiled.handles_length(widest + 1, cache)
@@ -127,7 +129,7 @@ def generate_rounds(
             if pending is None:  # the caller went on past max_tokens
                 pending = queue_round(target, drafter, cache, sampling, start, round_length(controller, k))
             current, pending = pending, None
-            last = max_tokens is not None and max_tokens - taken <= current.k + 1  # it may be the last round
+            last = budget - taken <= current.k + 1  # it may be the last round
             if (ahead or not current.k) and not last:
                 # Queue the next round before waiting for this one (a plain round keeps its
                 # one token: nothing to settle), so the device never idles while the host
@@ -140,7 +142,7 @@ def generate_rounds(
             if pending is None:
                 rollback_cache(cache, round_.position + round_.accepted + 1)  # drop the rejected drafts
                 start = next_input(sampling, start, current, round_.accepted)
-                if max_tokens is None or taken < max_tokens:
+                if taken < budget:
                     pending = queue_round(target, drafter, cache, sampling, start, round_length(controller, k))
             elif current.k:
                 settle(cache, current.k - round_.accepted)

@@ -167,12 +167,12 @@ def test_no_round_is_queued_behind_the_last_one(default_pair, prompts, monkeypat
 
     target, tokenizer, drafter = default_pair
     queued = []
+    queue_round = speculative.queue_round
 
     def counting(*args, **kwargs):
         queued.append(args[-1])
         return queue_round(*args, **kwargs)
 
-    queue_round = speculative.queue_round
     monkeypatch.setattr(speculative, "queue_round", counting)
     options = dict(draft_model=drafter if k else None, num_draft_tokens=k or None)
     for max_tokens in (1, 2, 37):
