@@ -37,6 +37,7 @@ from mlx.nn.layers.distributed import shard_inplace, shard_linear
 
 from .adaptive import AUTO
 from .drafter import Drafter
+from .speculative import GENERATION_STREAM
 from .target import Target
 
 
@@ -191,7 +192,12 @@ def refuse_adaptive_k(draft_lengths, option: str) -> None:
 
 def broadcast_json(message, group):
     """Rank 0's `message` (a JSON value, or None for nothing; ignored on other ranks) on every
-    rank, through two all-reduces: its length, then its UTF-8 bytes. None costs one."""
+    rank, through two all-reduces: its length, then its UTF-8 bytes. None costs one.
+
+    The model's own all-reduces run on the generation stream, and a batch engine's step
+    leaves its next round in flight there: this waits for them first, or the two streams'
+    collectives could meet the other ranks in another order (garbled bytes, a hang)."""
+    mx.synchronize(GENERATION_STREAM)
     data = json.dumps(message).encode() if group.rank() == 0 and message is not None else b""
     length = int(mx.distributed.all_sum(mx.array(len(data)), group=group, stream=mx.cpu).item())
     if length == 0:
