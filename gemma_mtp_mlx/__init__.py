@@ -12,10 +12,10 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "BatchEngine": "batch",
-    "BatchResponse": "batch",
-    "RowEvent": "batch",
-    "batch_generate": "batch",
+    "BatchEngine": "batch.engine",
+    "BatchResponse": "batch.generate",
+    "RowEvent": "batch.rows",
+    "batch_generate": "batch.generate",
     "DraftLengthController": "adaptive",
     "Drafter": "drafter",
     "load_drafter": "drafter",

@@ -10,8 +10,10 @@ from typing import Callable, List, Optional
 
 from mlx_lm.sample_utils import make_logits_processors
 
-from . import bench, chat, convert, distributed, selfcheck, server, train_drafter
-from .adaptive import AUTO
+from . import chat, convert, distributed, server
+from .arguments import add_pair_options, draft_tokens
+from .bench import benchmark, selfcheck
+from .train import trainer
 from .checkpoint import CheckpointError
 from .generate import chat_prompt, stream_generate
 from .sampling import DRAFT_MODES
@@ -21,11 +23,7 @@ HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter  # every command's --help s
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="target: local directory (a converted pair brings its drafter) or Hub repo id; "
-                             "unset: the tiny Python-code pair that ships with the package")
-    parser.add_argument("--draft-model", default=None, help="gemma4_assistant drafter: directory or Hub repo id")
-    parser.add_argument("--no-draft", action="store_true", help="plain target decoding, for comparison")
+    add_pair_options(parser)
     parser.add_argument("--num-draft-tokens", type=draft_tokens, default=None,
                         help="tokens drafted per round, or auto: chosen each round from the acceptance and "
                              "round times measured so far (0 = plain decoding when drafting loses); "
@@ -42,15 +40,6 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None, help="a system message for the chat template")
 
 
-def draft_tokens(text: str):
-    if text == AUTO:
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number or {AUTO}, got {text!r}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gemma-mtp",
@@ -64,12 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_command(commands, "convert", "convert (and quantize) a Hugging Face pair to MLX",
                 convert.add_arguments, convert.run)
     add_command(commands, "bench", "measure speculative vs plain decoding on this machine",
-                bench.add_arguments, bench.run)
+                benchmark.add_arguments, benchmark.run)
     add_command(commands, "serve", "an OpenAI-compatible HTTP server", server.add_arguments, server.run)
     add_command(commands, "doctor", "check in seconds that speculative output equals plain output here",
                 selfcheck.add_arguments, selfcheck.run)
     add_command(commands, "train-drafter", "train the MTP drafter for a (fine-tuned) target, on MLX",
-                train_drafter.add_arguments, train_drafter.run)
+                trainer.add_arguments, trainer.run)
     return parser
 
 

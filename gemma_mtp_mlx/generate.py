@@ -9,7 +9,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .adaptive import AUTO, AUTO_MAX_DRAFT_TOKENS, DraftLengthController
-from .cache import SlidingKVCache, rollback_cache, rollback_needed
+from .cache import SlidingKVCache, rollback_cache
 from .cache_lease import Lease
 from .drafter import Drafter, check_pair
 from .loading import as_target
@@ -167,8 +167,7 @@ def stream_generate(
     context length. Bad arguments raise `validate.InvalidInput` (a ValueError).
     """
     target = as_target(model)
-    if not isinstance(tokenizer, TokenizerWrapper):
-        tokenizer = TokenizerWrapper(tokenizer)
+    tokenizer = tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
     max_tokens = check_max_tokens(max_tokens)
     k = draft_length(target, draft_model, num_draft_tokens)
     check_int("prefill_step_size", prefill_step_size, 1)
@@ -183,49 +182,57 @@ def stream_generate(
     max_k = _widest(k)
     _check_rollback_room(target, cache, max_k)
     lease = Lease.claim(cache)  # settles what a paused generation on this cache left
-    start_offset = cache[0].offset
-    n, rounds = 0, None
+    start = cache[0].offset
+    rounds = None
     try:
-        max_tokens = generation_budget(prompt.size, start_offset, max_tokens, target.args.max_position_embeddings)
+        max_tokens = generation_budget(prompt.size, start, max_tokens, target.args.max_position_embeddings)
         stats = SpeculativeStats.empty(max_k, prompt.size, record_rounds, auto=isinstance(k, DraftLengthController))
-        detokenizer = tokenizer.detokenizer
-        detokenizer.reset()
-        eos = set(tokenizer.eos_token_ids)
         rounds = lease.rounds = generate_rounds(prompt, target, cache, sampling, draft_model, k, prefill_step_size,
                                                 max_tokens)
-        tic = time.perf_counter()
-        for round_ in rounds:
-            if n == 0:
-                stats.prompt_tps = prompt.size / (time.perf_counter() - tic)
-                tic = time.perf_counter()
-            round_ = until_stop(round_, eos, max_tokens - n)
-            stats.record(round_)
-            for i, (token, logprob) in enumerate(zip(round_.emitted, round_.logprobs)):
-                n += 1
-                finish = "stop" if token in eos else "length" if n == max_tokens else None
-                if token not in eos:
-                    detokenizer.add_token(token)
-                if finish:
-                    detokenizer.finalize()
-                    stats.finish(n, time.perf_counter() - tic, mx.get_peak_memory() / 1e9)
-                lease.pause(start_offset + prompt.size + n - 1)
-                yield GenerationResponse(
-                    detokenizer.last_segment, token, logprob, from_draft=i < round_.accepted,
-                    prompt_tokens=prompt.size, prompt_tps=stats.prompt_tps, generation_tokens=n,
-                    generation_tps=n / (time.perf_counter() - tic), peak_memory=mx.get_peak_memory() / 1e9,
-                    finish_reason=finish, stats=stats if finish else None,
-                )
-                lease.resume()
-                if finish:
-                    return
+        yield from _responses(rounds, tokenizer, prompt.size, stats, max_tokens, lease, start)
     finally:
         if lease.owned:  # else a later generation took the cache and settled it
             if rounds is not None:
                 rounds.close()
             # The one rollback when generation stops (the rounds only drop rejected drafts):
             # keep K/V for every token handed out except the newest, as mlx-lm does.
-            rollback_cache(cache, start_offset + prompt.size + max(n - 1, 0))
+            rollback_cache(cache, start + prompt.size if lease.handed_out is None else lease.handed_out)
             lease.release()
+
+
+def _responses(rounds, tokenizer: TokenizerWrapper, prompt_tokens: int, stats: SpeculativeStats, max_tokens: int,
+               lease: Lease, start: int) -> Generator[GenerationResponse, None, None]:
+    """One response per token of `rounds`, until EOS or `max_tokens`; before each is handed
+    out, `lease` records the cache length that matches it (the prompt started at `start`)."""
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    eos = set(tokenizer.eos_token_ids)
+    n = 0
+    tic = time.perf_counter()
+    for round_ in rounds:
+        if n == 0:
+            stats.prompt_tps = prompt_tokens / (time.perf_counter() - tic)
+            tic = time.perf_counter()
+        round_ = until_stop(round_, eos, max_tokens - n)
+        stats.record(round_)
+        for i, (token, logprob) in enumerate(zip(round_.emitted, round_.logprobs)):
+            n += 1
+            finish = "stop" if token in eos else "length" if n == max_tokens else None
+            if token not in eos:
+                detokenizer.add_token(token)
+            if finish:
+                detokenizer.finalize()
+                stats.finish(n, time.perf_counter() - tic, mx.get_peak_memory() / 1e9)
+            lease.pause(start + prompt_tokens + n - 1)
+            yield GenerationResponse(
+                detokenizer.last_segment, token, logprob, from_draft=i < round_.accepted,
+                prompt_tokens=prompt_tokens, prompt_tps=stats.prompt_tps, generation_tokens=n,
+                generation_tps=n / (time.perf_counter() - tic), peak_memory=mx.get_peak_memory() / 1e9,
+                finish_reason=finish, stats=stats if finish else None,
+            )
+            lease.resume()
+            if finish:
+                return
 
 
 def until_stop(round_: Round, eos, budget: int) -> Round:

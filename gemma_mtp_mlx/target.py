@@ -16,7 +16,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.models.gemma4_text import logit_softcap
 from mlx_lm.utils import load_model, load_tokenizer
 
-from .batch_cache import RaggedKVCache
+from .batch.cache import RaggedKVCache
 from .cache import (SharedKV, SlidingKVCache, commit_write, make_target_cache, num_kv_layers, reserve_write,
                     visible_slots)
 from .checkpoint import CheckpointError, check_model_type, mlx_lm_text_config, read_config, weights_load_error

@@ -23,7 +23,7 @@ import sys
 import time
 
 from gemma_mtp_mlx import load, stream_generate
-from gemma_mtp_mlx.bench import blas_info, read_prompts
+from gemma_mtp_mlx.bench.benchmark import blas_info, read_prompts
 from gemma_mtp_mlx.loading import DEFAULT_PROMPTS_FILE
 
 

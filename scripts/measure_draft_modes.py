@@ -15,7 +15,7 @@ import batched_rounds  # noqa: E402
 from hf_reference import cached_fixture_dir  # noqa: E402
 
 from gemma_mtp_mlx import load, stream_generate  # noqa: E402
-from gemma_mtp_mlx.bench import read_prompts  # noqa: E402
+from gemma_mtp_mlx.bench.benchmark import read_prompts  # noqa: E402
 from gemma_mtp_mlx.loading import DEFAULT_PROMPTS_FILE  # noqa: E402
 from gemma_mtp_mlx.sampling import Sampling  # noqa: E402
 

@@ -10,7 +10,7 @@ Everything comes from this machine's Python standard library sources (no downloa
    ``Gemma4ForCausalLM``): sliding and full attention layers with a full last layer,
    the last 8 layers KV-shared, logit softcap 30. Trained with next-token cross-entropy.
 3. ``drafter``: a 2-layer ``gemma4_assistant`` with a centroid head, trained by this
-   package's MLX trainer (``gemma_mtp_mlx.train_drafter``, the code behind ``gemma-mtp
+   package's MLX trainer (``gemma_mtp_mlx.train.trainer``, the code behind ``gemma-mtp
    train-drafter``) like Google's drafters: from the frozen target's final-norm hidden
    states and its shared K/V, unrolled for ``draft_steps`` steps at the fixed position P, to
    match the target's next-token distribution and its probability mass per centroid.
@@ -114,7 +114,7 @@ SETTINGS = {
         "betas": [0.9, 0.95],
         "grad_clip": 1.0,
     },
-    "drafter": {  # gemma_mtp_mlx.train_drafter.Settings (Adam, betas 0.9 / 0.95, k-means 25 iterations)
+    "drafter": {  # gemma_mtp_mlx.train.trainer.Settings (Adam, betas 0.9 / 0.95, k-means 25 iterations)
         "hidden_size": 128,
         "intermediate_size": 512,
         "num_layers": 2,  # [sliding, full]
@@ -367,7 +367,7 @@ def train_drafter(work: Path, log: dict) -> None:
     """The package's own MLX trainer (`gemma-mtp train-drafter`) on the training files, evaluated
     on the held-out ones; a fresh drafter whose embedding starts from the target's."""
     sys.path.insert(0, str(REPO))
-    from gemma_mtp_mlx import train_drafter as trainer
+    from gemma_mtp_mlx.train import trainer
 
     s = SETTINGS["drafter"]
     for path in (work / "tokenizer").iterdir():  # the trainer loads the target with its tokenizer

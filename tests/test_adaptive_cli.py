@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from gemma_mtp_mlx import bench
+from gemma_mtp_mlx.bench import benchmark as bench
 from gemma_mtp_mlx.adaptive import round_cost
 from gemma_mtp_mlx.cli import build_parser
 from test_cli import cli, pair_args

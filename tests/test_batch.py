@@ -18,7 +18,7 @@ from test_adaptive_exactness import Cycle
 from test_sampling import chi_square_p_value
 from gemma_mtp_mlx import load, stream_generate
 from gemma_mtp_mlx.batch import BatchEngine, batch_generate
-from gemma_mtp_mlx.batch_cache import RESERVE, RaggedKVCache
+from gemma_mtp_mlx.batch.cache import RESERVE, RaggedKVCache
 from gemma_mtp_mlx.sampling import Sampling
 
 WINDOW = 16  # the fixtures' sliding window

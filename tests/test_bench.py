@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from gemma_mtp_mlx import bench
+from gemma_mtp_mlx.bench import benchmark as bench
 
 FIELDS = ("name", "kind", "k", "temp", "tokens_per_s", "tokens_per_s_by_repeat", "ratio",
           "mean_accepted_length", "acceptance_by_position", "rejection_rate", "fallback_rate",
@@ -108,7 +108,7 @@ def test_options_parse_with_their_defaults_and_bad_input_is_a_clear_error(mlx_pa
 
 
 def test_batch_benchmark_reports_every_batch_size_and_configuration(mlx_pairs):
-    from gemma_mtp_mlx.batch_bench import batch_markdown_table, run_batch_benchmark
+    from gemma_mtp_mlx.bench.batch import batch_markdown_table, run_batch_benchmark
 
     target, tokenizer, drafter = mlx_pairs["e2b"]
     prompts = [tokenizer.encode(p) for p in ("hello world", "def f(x):", "import os")]

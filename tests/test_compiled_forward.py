@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import TARGETS, WINDOW
-from gemma_mtp_mlx.batch_cache import ragged_row
+from gemma_mtp_mlx.batch.cache import ragged_row
 from gemma_mtp_mlx.cache import rollback_cache
 
 K = 6

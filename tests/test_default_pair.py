@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from gemma_mtp_mlx import bench, load, stream_generate
+from gemma_mtp_mlx import load, stream_generate
+from gemma_mtp_mlx.bench import benchmark as bench
 from gemma_mtp_mlx.adaptive import DraftLengthController
 from gemma_mtp_mlx.loading import DEFAULT_DRAFT_MODEL, DEFAULT_MODEL, DEFAULT_PROMPTS_FILE, MODELS_DIR
 from hf_reference import hf_logits, load_hf_target

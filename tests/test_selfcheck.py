@@ -5,7 +5,7 @@ import mlx.core as mx
 import pytest
 
 from gemma_mtp_mlx import cli
-from gemma_mtp_mlx.selfcheck import exactness_check
+from gemma_mtp_mlx.bench.selfcheck import exactness_check
 from gemma_mtp_mlx.target import Target
 
 PROMPTS = [[5, 17, 42], [9, 8, 7, 6, 5, 4, 3], [100]]
@@ -48,7 +48,7 @@ def test_doctor_prints_the_check(pairs, capsys):
 
 
 def test_doctor_fails_when_not_exact(pairs, capsys, monkeypatch):
-    from gemma_mtp_mlx import selfcheck
+    from gemma_mtp_mlx.bench import selfcheck
 
     target, assistant = pairs["e2b"]
     real_load = selfcheck.load

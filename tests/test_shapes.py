@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gemma_mtp_mlx import bench, shapes
+from gemma_mtp_mlx.bench import benchmark as bench, shapes
 
 KS = (1, 2)
 ROW_FIELDS = ("pair", "dtype", "error", "drafter", "target", "c", "v", "mean_accepted_length",
@@ -81,3 +81,4 @@ def test_shapes_option_parses():
         parser.parse_args(["--shapes", "huge"])
     with pytest.raises(ValueError, match="give one of them"):
         bench.run(parser.parse_args(["--shapes", "--profile"]))
+

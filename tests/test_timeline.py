@@ -5,7 +5,7 @@ import json
 
 import mlx.core as mx
 
-from gemma_mtp_mlx import bench, timeline
+from gemma_mtp_mlx.bench import benchmark as bench, timeline
 
 PROMPTS = [[5, 17, 42], [9, 8, 7, 6]]
 
@@ -38,3 +38,4 @@ def test_profile_option_writes_the_timeline(pairs, tmp_path, capsys):
     assert [p["k"] for p in result["profiles"]] == [0, 2] and result["machine"]["mlx"]
     table = capsys.readouterr().out
     assert "| k | rounds |" in table and "host build share" in table
+

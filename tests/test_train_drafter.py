@@ -14,9 +14,9 @@ from mlx.utils import tree_flatten
 
 from conftest import full_length_state
 from gemma_mtp_mlx import cli, load, load_drafter
-from gemma_mtp_mlx import train_drafter as td
+from gemma_mtp_mlx.train import trainer as td
 from gemma_mtp_mlx.checkpoint import CheckpointError
-from gemma_mtp_mlx.training_data import DataError, read_documents
+from gemma_mtp_mlx.train.data import DataError, read_documents
 from hf_reference import hf_draft_step, load_hf_assistant
 
 WINDOW = 16  # the fixtures' sliding window

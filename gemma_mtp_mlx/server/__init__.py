@@ -8,16 +8,13 @@ batch at the next round), `prompt_cache.py` the LRU of K/V caches keyed by token
 
 import argparse
 
+from ..arguments import add_pair_options, draft_tokens
+
 DEFAULT_PROMPT_CACHE_BYTES = 1 << 30
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import draft_tokens  # the CLI imports this module
-    parser.add_argument("--model", default=None,
-                        help="target: local directory (a converted pair brings its drafter) or Hub repo id; "
-                             "unset: the tiny Python-code pair that ships with the package")
-    parser.add_argument("--draft-model", default=None, help="gemma4_assistant drafter: directory or Hub repo id")
-    parser.add_argument("--no-draft", action="store_true", help="plain target decoding, for comparison")
+    add_pair_options(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8080, help="port to listen on")
     parser.add_argument("--num-draft-tokens", type=draft_tokens, default=None,

@@ -10,7 +10,6 @@ went away) removes the row before the next step.
 import asyncio
 import queue
 import threading
-import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple, Union
@@ -18,10 +17,15 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors
 
+from ..adaptive import AUTO, AUTO_MAX_DRAFT_TOKENS
 from ..batch import RowEvent
+from ..stats import SpeculativeStats
 
 TopList = List[Tuple[str, float]]
 PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty")
+# SpeculativeStats fields the usage block leaves out: usage counts tokens itself, and a
+# server reports no timings per request
+NOT_IN_USAGE = ("prompt_tokens", "prompt_tps", "generation_tokens", "generation_tps", "peak_memory", "rounds_log")
 
 
 def insert_request(engine, prompt: List[int], request: dict) -> int:
@@ -54,50 +58,12 @@ class Delta:
     offset: int = 0  # where `text` starts in the whole reply
 
 
-class SpeculationTally:
-    """Rounds, drafts and acceptance by position, counted from the row's events."""
-
-    def __init__(self, num_draft_tokens: Union[int, str]):
-        self.k = num_draft_tokens
-        self.rounds = 0
-        self.accepted = 0
-        self.drafted = 0
-        self.accepted_by_position: List[int] = []
-        self.drafted_by_position: List[int] = []
-
-    def add(self, event: RowEvent, first: bool) -> None:
-        from_draft = event.from_draft[1:] if first else event.from_draft  # the first token: the prompt's
-        if not from_draft or not self.k:
-            return
-        accepted, drafted = sum(from_draft), event.drafted
-        self.rounds += 1
-        self.accepted += accepted
-        self.drafted += drafted
-        for i in range(drafted):
-            if i == len(self.drafted_by_position):  # positions appear as rounds reach them (auto: k varies)
-                self.drafted_by_position.append(0)
-                self.accepted_by_position.append(0)
-            self.drafted_by_position[i] += 1
-            self.accepted_by_position[i] += i < accepted
-
-    def to_dict(self) -> dict:
-        return dict(
-            num_draft_tokens=self.k,
-            rounds=self.rounds,
-            drafted_tokens=self.drafted,
-            accepted_tokens=self.accepted,
-            mean_accepted_length=self.accepted / self.rounds + 1 if self.rounds else 0.0,
-            acceptance_by_position=[a / d if d else 0.0 for a, d in
-                                    zip(self.accepted_by_position, self.drafted_by_position)],
-        )
-
-
 class Job:
     """One request: its options, and the text state the generation thread keeps for it."""
 
     def __init__(self, prompt: List[int], options: dict, stop: List[str], top_logprobs: int,
                  want_logprobs: bool, detokenizer, decode: Callable[[int], str], eos: set,
-                 num_draft_tokens: int, loop: asyncio.AbstractEventLoop):
+                 num_draft_tokens: Union[int, str], loop: asyncio.AbstractEventLoop):
         self.prompt, self.options, self.stop = prompt, options, stop
         self.top_logprobs, self.want_logprobs = top_logprobs, want_logprobs
         self.detokenizer, self.decode, self.eos = detokenizer, decode, eos
@@ -111,7 +77,10 @@ class Job:
         self.unsent: List[Tuple[int, TokenInfo]] = []  # tokens not yet reported, by text start offset
         self.completion_tokens = 0
         self.cached_tokens = 0
-        self.tally = SpeculationTally(num_draft_tokens)
+        auto = num_draft_tokens == AUTO
+        # the row's rounds as they are handed out (a stop string may end the job before the row ends)
+        self.stats = SpeculativeStats.empty(AUTO_MAX_DRAFT_TOKENS if auto else num_draft_tokens, len(prompt),
+                                            auto=auto)
 
     def push(self, delta: Delta) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
@@ -121,7 +90,8 @@ class Job:
         when the row finished or a stop string ended it."""
         if event.cached_tokens is not None:
             self.cached_tokens = event.cached_tokens
-        self.tally.add(event, first=self.completion_tokens == 0)
+        if event.round is not None:
+            self.stats.record(event.round)
         finish, cut = None, False
         tops = event.top_logprobs or [[]] * len(event.tokens)
         for token, logprob, top in zip(event.tokens, event.logprobs, tops):
@@ -183,8 +153,16 @@ class Job:
             completion_tokens=self.completion_tokens,
             total_tokens=len(self.prompt) + self.completion_tokens,
             prompt_tokens_details=dict(cached_tokens=self.cached_tokens),
-            speculative=self.tally.to_dict(),
+            speculative=self.speculative(),
         )
+
+    def speculative(self) -> dict:
+        """The usage block's `speculative` object: the row's `SpeculativeStats` counts and
+        rates; `num_draft_tokens` is "auto" when each round chose its k."""
+        out = {name: value for name, value in self.stats.to_dict().items() if name not in NOT_IN_USAGE}
+        if out.pop("auto"):
+            out["num_draft_tokens"] = AUTO
+        return out
 
 
 @dataclass
@@ -319,6 +297,6 @@ class Worker:
         c.prompt_tokens += len(job.prompt)
         c.cached_tokens += job.cached_tokens
         c.completion_tokens += job.completion_tokens
-        c.rounds += job.tally.rounds
-        c.drafted_tokens += job.tally.drafted
-        c.accepted_tokens += job.tally.accepted
+        c.rounds += job.stats.rounds
+        c.drafted_tokens += job.stats.drafted_tokens
+        c.accepted_tokens += job.stats.accepted_tokens

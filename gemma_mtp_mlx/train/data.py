@@ -80,7 +80,7 @@ def self_generate(target, tokenizer, count: int, max_tokens: int, prompts: Seque
                   temp: float, seed: int) -> List[List[int]]:
     """`count` texts the target writes itself (sampled at `temp`), each from the start of a
     prompt document (cycled), or from BOS alone when there are no prompts."""
-    from .generate import stream_generate
+    from ..generate import stream_generate
 
     bos = [tokenizer.bos_token_id]
     documents = []

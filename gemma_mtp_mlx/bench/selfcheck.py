@@ -17,10 +17,10 @@ from typing import List, Sequence, Union
 
 import mlx.core as mx
 
-from .cache import rollback_cache
-from .generate import chat_prompt, encode_prompt, stream_generate
-from .loading import DEFAULT_MODEL, DEFAULT_PROMPTS_FILE, as_target, load
-from .target import Target
+from ..cache import rollback_cache
+from ..generate import chat_prompt, encode_prompt, stream_generate
+from ..loading import DEFAULT_MODEL, DEFAULT_PROMPTS_FILE, as_target, load
+from ..target import Target
 
 DOCTOR_PROMPTS = 4
 DOCTOR_MAX_TOKENS = 32

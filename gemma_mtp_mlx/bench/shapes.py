@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import gemma4_text
 from mlx_lm.models.cache import KVCache
 
-from .drafter import Drafter, DrafterArgs
+from ..drafter import Drafter, DrafterArgs
 
 DTYPES = ("float32", "bfloat16", "4-bit")
 ASSUMED_ACCEPTANCE = 0.7  # per draft position, for the predicted speedup

@@ -16,9 +16,9 @@ from typing import Callable, List, Optional, Sequence
 import mlx.core as mx
 import mlx_lm
 
-from .adaptive import AUTO
-from .batch import batch_generate
-from .generate import stream_generate
+from ..adaptive import AUTO
+from ..batch import batch_generate
+from ..generate import stream_generate
 
 
 def _run(config: str, target, tokenizer, drafter, prompts: List[List[int]], max_tokens: int):

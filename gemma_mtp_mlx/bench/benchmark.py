@@ -30,13 +30,14 @@ import mlx_lm
 from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 
-from . import distributed, shapes, timeline
-from .adaptive import AUTO, AUTO_MAX_DRAFT_TOKENS, round_cost
-from .cache import rollback_cache
-from .generate import chat_prompt, encode_prompt, stream_generate
-from .loading import DEFAULT_MODEL, DEFAULT_PROMPTS_FILE, as_target
+from .. import distributed
+from . import shapes, timeline
+from ..adaptive import AUTO, AUTO_MAX_DRAFT_TOKENS, round_cost
+from ..cache import rollback_cache
+from ..generate import chat_prompt, encode_prompt, stream_generate
+from ..loading import DEFAULT_MODEL, DEFAULT_PROMPTS_FILE, as_target
 from .selfcheck import exactness_check
-from .stats import SpeculativeStats
+from ..stats import SpeculativeStats
 
 DEFAULT_KS = (1, 2, 3, 4, 6, 8, AUTO)
 DEFAULT_TEMPS = (0.0, 0.7)
@@ -601,7 +602,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _run_batched(args, model, tokenizer, drafter, texts) -> None:
-    from .batch_bench import batch_markdown_table, run_batch_benchmark
+    from .batch import batch_markdown_table, run_batch_benchmark
 
     target = as_target(model)
     prompts = [encode_prompt(tokenizer, chat_prompt(tokenizer, t)).tolist() for t in texts]

@@ -38,12 +38,12 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.gemma4_text import logit_softcap
 
-from . import training_data as data
-from .checkpoint import CheckpointError, published_text_config, quantization, read_config, resolve_path
-from .convert import _move_into_place
-from .drafter import Drafter, DrafterArgs, check_pair, load_drafter
-from .generate import stream_generate
-from .target import Target, load_target
+from . import data
+from ..checkpoint import CheckpointError, published_text_config, quantization, read_config, resolve_path
+from ..convert import _move_into_place
+from ..drafter import Drafter, DrafterArgs, check_pair, load_drafter
+from ..generate import stream_generate
+from ..target import Target, load_target
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 

@@ -20,8 +20,8 @@ from typing import List, Optional, Sequence
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from .cache import SlidingKVCache, num_kv_layers, rollback_needed, visible_slots
-from .validate import MAX_NUM_DRAFT_TOKENS
+from ..cache import SlidingKVCache, num_kv_layers, rollback_needed, visible_slots
+from ..validate import MAX_NUM_DRAFT_TOKENS
 
 
 RESERVE = rollback_needed(MAX_NUM_DRAFT_TOKENS)

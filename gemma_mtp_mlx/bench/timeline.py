@@ -19,10 +19,10 @@ from typing import Dict, List, Sequence
 
 import mlx.core as mx
 
-from .generate import encode_prompt
-from .sampling import Sampling
-from .speculative import generate_rounds
-from .target import Target
+from ..generate import encode_prompt
+from ..sampling import Sampling
+from ..speculative import generate_rounds
+from ..target import Target
 
 PHASES = ("draft", "verify", "accept", "queue")
 BUILD = ("draft", "verify", "accept")  # host graph building
