@@ -82,3 +82,16 @@ def test_shapes_option_parses():
     with pytest.raises(ValueError, match="give one of them"):
         bench.run(parser.parse_args(["--shapes", "--profile"]))
 
+
+def test_shapes_with_the_default_draft_lengths_times_every_fixed_k(tmp_path, capsys):
+    """`bench --shapes small` without --ks: `auto` (a choice among widths) gets no column,
+    every fixed default k does; only auto is a clear error."""
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    bench.run(parser.parse_args(["--shapes", "small", "--out", str(tmp_path)]))
+    table = json.loads((tmp_path / "shapes.json").read_text())
+    fixed = [k for k in bench.DEFAULT_KS if k != "auto"]
+    assert table["settings"]["ks"] == fixed
+    assert all(set(r["v"]) == {str(k) for k in fixed} for r in table["rows"] if r["error"] is None)
+    with pytest.raises(ValueError, match="at least one number"):
+        bench.run(parser.parse_args(["--shapes", "small", "--ks", "auto", "--out", str(tmp_path)]))

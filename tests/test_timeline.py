@@ -39,3 +39,16 @@ def test_profile_option_writes_the_timeline(pairs, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| k | rounds |" in table and "host build share" in table
 
+
+def test_profile_with_the_default_draft_lengths_profiles_each_and_auto(pairs, tmp_path):
+    """`bench --profile` without --ks: plain decoding, every default k and auto."""
+    target, assistant = pairs["e2b"]
+    parser = bench.argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--model", str(target), "--draft-model", str(assistant), "--profile",
+                              "--temps", "0", "--max-tokens", "6", "--out", str(tmp_path)])
+    bench.run(args)
+    profiles = json.loads((tmp_path / "profile.json").read_text())["profiles"]
+    assert [p["k"] for p in profiles] == [0, *bench.DEFAULT_KS]
+    auto = profiles[-1]
+    assert auto["k"] == "auto" and auto["rounds"] > 0 and auto["tokens_per_round"] >= 1

@@ -532,8 +532,12 @@ def run_profile(args: argparse.Namespace, model, tokenizer, drafter, prompts) ->
 
 
 def run_shapes(args: argparse.Namespace) -> None:
-    """`bench --shapes`: the real-shape cost table (shapes.py)."""
-    result = shapes.run_shapes(args.shapes, ks=args.ks, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    """`bench --shapes`: the real-shape cost table (shapes.py). It times layers at fixed
+    widths: `auto` (a choice among them each round) has no column of its own."""
+    ks = [k for k in args.ks if k != AUTO]
+    if not ks:
+        raise ValueError(f"--shapes times fixed draft lengths: give at least one number in --ks (not only {AUTO})")
+    result = shapes.run_shapes(args.shapes, ks=ks, progress=lambda line: print(line, file=sys.stderr, flush=True))
     result.update(machine=machine_info(), command=command_line())
     json_path, md_path = shapes.write_reports(result, args.out)
     print(shapes.markdown_table(result))

@@ -15,10 +15,11 @@ holds most of the device's time and `wait` little of it.
 import statistics
 import time
 from contextlib import contextmanager
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Union
 
 import mlx.core as mx
 
+from ..adaptive import AUTO, AUTO_MAX_DRAFT_TOKENS, DraftLengthController
 from ..generate import encode_prompt
 from ..sampling import Sampling
 from ..speculative import generate_rounds
@@ -74,12 +75,14 @@ def _timed_queueing(clock: _Clock):
         mx.async_eval = real
 
 
-def profile_rounds(target: Target, tokenizer, drafter, prompts: Sequence, *, k: int, temp: float = 0.0,
-                   max_tokens: int = 64) -> dict:
+def profile_rounds(target: Target, tokenizer, drafter, prompts: Sequence, *, k: Union[int, str],
+                   temp: float = 0.0, max_tokens: int = 64) -> dict:
     """Per-round medians in ms over every round after the first of every prompt: `round`
     (wall), the host phases `draft`, `verify`, `accept` (graph building) and `queue`
     (mx.async_eval), and `wait_and_bookkeeping` (the rest). Also tokens per round and the
-    share of the round spent building graphs on the host (`host_build_share`)."""
+    share of the round spent building graphs on the host (`host_build_share`). `k`: a
+    fixed draft length, or "auto" (each prompt's rounds choose theirs, as `stream_generate`'s)."""
+    widest = AUTO_MAX_DRAFT_TOKENS if k == AUTO else k
     clock = _Clock()
     timed_target = _TimedTarget(target, clock)
     timed_drafter = _Proxy(drafter, clock, {"draft": "draft"}) if k else None
@@ -89,8 +92,9 @@ def profile_rounds(target: Target, tokenizer, drafter, prompts: Sequence, *, k: 
     with _timed_queueing(clock):
         for prompt in prompts:
             ids = encode_prompt(tokenizer, prompt)
-            cache = target.make_cache(k)
-            stream = generate_rounds(ids, timed_target, cache, timed_sampling, timed_drafter, k)
+            cache = target.make_cache(widest)
+            draft_length = DraftLengthController(widest) if k == AUTO else k
+            stream = generate_rounds(ids, timed_target, cache, timed_sampling, timed_drafter, draft_length)
             produced, before, tic = 0, None, None
             for round_ in stream:
                 now = time.perf_counter()
