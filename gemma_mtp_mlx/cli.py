@@ -17,6 +17,7 @@ from .train import trainer
 from .checkpoint import CheckpointError
 from .generate import chat_prompt, stream_generate
 from .sampling import DRAFT_MODES
+from .structured.grammar import parse_format_argument
 from .validate import check_penalties, check_text, decode_text
 
 HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter  # every command's --help shows the defaults
@@ -79,6 +80,11 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="also print a per-round view of the drafts")
     parser.add_argument("--stats-json", default=None, metavar="FILE",
                         help="write the statistics, with the per-round log, to FILE")
+    constraint = parser.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", default=None, metavar="FILE|JSON",
+                            help="constrain the reply to JSON valid under this schema (a file, or inline JSON)")
+    constraint.add_argument("--regex", default=None, help="constrain the reply to match this regular expression")
+    constraint.add_argument("--grammar", default=None, metavar="FILE", help="constrain the reply to a Lark grammar")
 
 
 def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,8 +131,8 @@ def run_generate(args) -> None:
     prompt = text if args.no_chat_template else chat_prompt(tokenizer, text, args.system)
     pieces, tokens, last = [], [], None
     record = args.verbose or args.stats_json is not None
-    for response in stream_generate(model, tokenizer, prompt, draft_model=drafter,
-                                    record_rounds=record, **generation_options(args)):
+    for response in stream_generate(model, tokenizer, prompt, draft_model=drafter, record_rounds=record,
+                                    response_format=response_format(args), **generation_options(args)):
         pieces.append(response.text)
         tokens.append(response.token)
         last = response
@@ -146,6 +152,14 @@ def run_generate(args) -> None:
     if args.verbose:
         print(format_rounds(stats.rounds_log, tokenizer), file=sys.stderr)
     print(stats.summary(), file=sys.stderr)
+
+
+def response_format(args) -> Optional[dict]:
+    """The `response_format` that --json-schema, --regex or --grammar asks for (None: none)."""
+    for kind, value in (("json_schema", args.json_schema), ("regex", args.regex), ("grammar", args.grammar)):
+        if value is not None:
+            return parse_format_argument(value, kind)
+    return None
 
 
 def load_pair(args):

@@ -16,6 +16,7 @@ from .loading import as_target
 from .sampling import Sampling
 from .speculative import Round, generate_rounds
 from .stats import SpeculativeStats
+from .structured.grammar import with_grammar
 from .validate import (MAX_NUM_DRAFT_TOKENS, InvalidInput, check_int, check_max_tokens, check_num_draft_tokens,
                        check_prompt, check_token_ids, generation_budget)
 
@@ -148,6 +149,7 @@ def stream_generate(
     logits_processors: Optional[List[Callable]] = None,
     draft_mode: str = "sampled",
     seed: Optional[int] = None,
+    response_format: Optional[dict] = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from `prompt`, one response per token.
 
@@ -163,16 +165,18 @@ def stream_generate(
     Sampling options are mlx-lm's (`temp=0` is greedy); speculative sampling keeps the
     target's distribution exactly. `draft_mode` is "sampled" (drafts drawn from the
     drafter's distribution) or "greedy" (its argmax). `seed` makes a run reproducible,
-    whatever runs beside it. Generation stops with finish_reason "length" at the model's
-    context length. Bad arguments raise `validate.InvalidInput` (a ValueError).
+    whatever runs beside it. `response_format` constrains the output to a JSON schema, a
+    regex or a Lark grammar (structured/grammar.py; exact under speculation). Generation
+    stops with finish_reason "length" at the model's context length (or max_tokens, also
+    inside an unfinished structure). Bad arguments raise `validate.InvalidInput` (a ValueError).
     """
     target = as_target(model)
     tokenizer = tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
     max_tokens = check_max_tokens(max_tokens)
     k = draft_length(target, draft_model, num_draft_tokens)
     check_int("prefill_step_size", prefill_step_size, 1)
-    sampling = Sampling(temp, top_p, top_k, min_p, min_tokens_to_keep, sampler,
-                        list(logits_processors or []), draft_mode, seed)
+    processors = with_grammar(logits_processors, tokenizer, response_format, target.vocab_size)
+    sampling = Sampling(temp, top_p, top_k, min_p, min_tokens_to_keep, sampler, processors, draft_mode, seed)
     prompt = encode_prompt(tokenizer, prompt, target.vocab_size)
     if seed is not None and sampler is not None:
         mx.random.seed(seed)  # a custom sampler draws from MLX's global random state

@@ -70,6 +70,9 @@ def test_help_lists_every_option_with_defaults():
         (["--temp", "-1"], "temp must be >= 0"),
         (["--top-p", "1.5"], "top_p must be in (0, 1]"),
         (["--top-k", "-2"], "top_k must be >= 0"),
+        (["--regex", "("], "response_format.regex does not compile"),
+        (["--json-schema", '{"type":'], "--json-schema is not valid JSON"),
+        (["--grammar", "/no/such/file.lark"], "--grammar: cannot read"),
     ],
 )
 def test_bad_option_values_exit_nonzero_with_one_line(pairs, extra, message):
@@ -77,6 +80,19 @@ def test_bad_option_values_exit_nonzero_with_one_line(pairs, extra, message):
     assert run.returncode != 0
     assert run.stderr.strip().count("\n") == 0 and message in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_generate_with_a_json_schema_prints_json_valid_under_it(pairs, tmp_path):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    for source in (str(path), json.dumps(schema)):  # a file, or inline JSON
+        run = cli("generate", *pair_args(pairs), "--prompt", "hi", "--max-tokens", 20, "--output", "json",
+                  "--json-schema", source)
+        assert run.returncode == 0, run.stderr
+        out = json.loads(run.stdout)
+        assert out["finish_reason"] == "stop" and json.loads(out["text"]) in ({"ok": True}, {"ok": False})
 
 
 def test_missing_model_and_mismatched_pair_exit_nonzero_with_one_line(pairs, narrow_assistant, tmp_path):

@@ -399,6 +399,10 @@ BAD_REQUESTS = [
     ("/v1/completions", b"{not json", 400, "not valid JSON"),
     ("/v1/chat/completions", dict(messages=[{"role": "user", "content": "hi"}]), 400, "no chat template"),
     ("/v1/nothing", dict(prompt="x"), 404, "no such path"),
+    ("/v1/completions", dict(prompt="x", response_format={"type": "regex", "regex": "("}), 400,
+     "response_format.regex does not compile"),
+    ("/v1/completions", dict(prompt="x", response_format={"type": "json_schema", "json_schema": {"schema": 3}}),
+     400, "response_format.json_schema.schema must be"),
 ]
 
 
@@ -427,6 +431,23 @@ def test_bad_chat_requests_answer_400(chat_server, body, message):
     good = chat_server.client.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}],
                                                       max_tokens=2)
     assert good.usage.completion_tokens == 2
+
+
+def test_response_format_json_schema_returns_valid_json_streamed_or_not(server):
+    """The reply is the API's constrained output (with the drafter), valid under the schema."""
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                               "size": {"type": "integer", "minimum": 0, "maximum": 999}},
+              "required": ["name", "size"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "item", "schema": schema}}
+    model, tokenizer, drafter = load()
+    expected = generate(model, tokenizer, PROMPT, draft_model=drafter, max_tokens=32, response_format=fmt)
+    whole = server.client.completions.create(model="any", prompt=PROMPT, max_tokens=32,
+                                             extra_body=dict(response_format=fmt))
+    assert whole.choices[0].text == expected and whole.choices[0].finish_reason == "stop"
+    assert set(json.loads(expected)) == {"name", "size"}
+    text, _ = streamed(server.client.completions.create(model="any", prompt=PROMPT, max_tokens=32, stream=True,
+                                                        extra_body=dict(response_format=fmt)))
+    assert text == expected
 
 
 def test_health_models_and_metrics(server):

@@ -28,6 +28,7 @@ from ..generate import draft_length
 from ..loading import as_target
 from ..sampling import Sampling
 from ..speculative import GENERATION_STREAM
+from ..structured.grammar import with_grammar
 from ..validate import check_int, check_max_tokens
 from .admission import Admission
 from .round import Pending, first_tokens, queue_round
@@ -89,8 +90,9 @@ class BatchEngine:
                top_k: int = 0, min_p: float = 0.0, min_tokens_to_keep: int = 1,
                logits_processors: Optional[List[Callable]] = None, seed: Optional[int] = None,
                num_draft_tokens: Union[int, str, None] = None, top_logprobs: int = 0,
-               draft_mode: str = "sampled") -> int:
-        """Queue a sequence; it joins the batch at a round boundary. Returns its uid."""
+               draft_mode: str = "sampled", response_format: Optional[dict] = None) -> int:
+        """Queue a sequence; it joins the batch at a round boundary. Returns its uid.
+        `response_format`: as `stream_generate`'s (the row gets its own grammar state)."""
         prompt = self.admission.checked_prompt(prompt_ids)
         max_tokens = check_max_tokens(max_tokens)
         if top_logprobs < 0:
@@ -100,8 +102,8 @@ class BatchEngine:
             if self.drafter is None:
                 raise ValueError("num_draft_tokens needs a draft model: load the engine with draft_model")
             k = draft_length(self.target, self.drafter, num_draft_tokens)
-        sampling = Sampling(temp, top_p, top_k, min_p, min_tokens_to_keep, None,
-                            list(logits_processors or []), draft_mode)
+        processors = with_grammar(logits_processors, self.tokenizer, response_format, self.target.vocab_size)
+        sampling = Sampling(temp, top_p, top_k, min_p, min_tokens_to_keep, None, processors, draft_mode)
         self._uids += 1
         self.admission.waiting.append(Row.new(self._uids, prompt, max_tokens, sampling, k, seed, top_logprobs))
         return self._uids

@@ -30,19 +30,19 @@ def batch_generate(model, tokenizer, prompts: Sequence[Union[str, Sequence[int]]
                    prefill_step_size: int = 512, temp: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                    min_p: float = 0.0, min_tokens_to_keep: int = 1,
                    logits_processors: Optional[List[Callable]] = None, draft_mode: str = "sampled",
-                   seed: Optional[int] = None) -> BatchResponse:
+                   seed: Optional[int] = None,
+                   response_format: Union[dict, Sequence[Optional[dict]], None] = None) -> BatchResponse:
     """Generate for every prompt (text or token ids, any lengths) in one batch.
 
     Every row is exactly what `stream_generate` gives its prompt alone (greedy: token for
     token; sampling: the same distribution). `max_tokens` is one limit or one per prompt.
-    `seed` makes the whole call reproducible.
+    `seed` makes the whole call reproducible. `response_format` (as `stream_generate`'s) is
+    one for every prompt or a list with one per prompt (None: unconstrained).
     """
     if isinstance(prompts, str) or not len(prompts):
         raise ValueError("prompts must be a non-empty list of prompts (texts or token-id lists)")
-    limits = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
-    if len(limits) != len(prompts):
-        raise ValueError(f"max_tokens has {len(limits)} values for {len(prompts)} prompts: "
-                         "give one per prompt, or a single int")
+    limits = _per_prompt("max_tokens", max_tokens, int, len(prompts))
+    formats = _per_prompt("response_format", response_format, (dict, type(None)), len(prompts))
     tokenizer = tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
     encoded = []
     for i, prompt in enumerate(prompts):
@@ -56,7 +56,7 @@ def batch_generate(model, tokenizer, prompts: Sequence[Union[str, Sequence[int]]
                          max_batch_size=max_batch_size or len(prompts), prefill_step_size=prefill_step_size)
     options = dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, min_tokens_to_keep=min_tokens_to_keep,
                    logits_processors=logits_processors, draft_mode=draft_mode)
-    uids = [engine.insert(p, max_tokens=n, **options) for p, n in zip(encoded, limits)]
+    uids = [engine.insert(p, max_tokens=n, response_format=f, **options) for p, n, f in zip(encoded, limits, formats)]
     tokens = {uid: [] for uid in uids}
     finished = {}
     tic = time.perf_counter()
@@ -72,6 +72,14 @@ def batch_generate(model, tokenizer, prompts: Sequence[Union[str, Sequence[int]]
     stats = [finished[uid].stats for uid in uids]
     return BatchResponse(texts, stats, pooled(stats, elapsed), [finished[uid].finish_reason for uid in uids],
                          token_ids if return_token_ids else None)
+
+
+def _per_prompt(name: str, value, single, count: int) -> list:
+    """`value` for each of `count` prompts: one `single` value for all, or a list of them."""
+    values = [value] * count if isinstance(value, single) else list(value)
+    if len(values) != count:
+        raise ValueError(f"{name} has {len(values)} values for {count} prompts: give one per prompt, or a single one")
+    return values
 
 
 def pooled(stats: List[SpeculativeStats], elapsed: float) -> SpeculativeStats:

@@ -19,6 +19,7 @@ from ..batch import BatchEngine
 from ..generate import encode_prompt
 from ..distributed import load_sharded, world
 from ..loading import DEFAULT_MODEL
+from ..structured.grammar import grammar_processor
 from ..validate import MAX_NUM_DRAFT_TOKENS
 from . import lockstep
 from .prompt_cache import PromptCache
@@ -157,6 +158,10 @@ def make_job(s: Served, body: GenerationFields, prompt: List[int], top_logprobs:
         stop = body.stop_strings()
     except ValueError as e:
         raise BadRequest(str(e), param="stop")
+    try:  # compiled again for the row; here so that a bad format is a 400 naming its field
+        grammar_processor(s.tokenizer, body.response_format, s.vocab_size)
+    except ValueError as e:
+        raise BadRequest(str(e), param="response_format")
     max_tokens = body.token_limit(s.max_tokens)
     if len(prompt) + max_tokens > s.max_context:
         raise BadRequest(f"the prompt has {len(prompt)} tokens and up to {max_tokens} more were asked for: "
@@ -165,7 +170,8 @@ def make_job(s: Served, body: GenerationFields, prompt: List[int], top_logprobs:
     options = dict(max_tokens=max_tokens, temp=body.temperature, top_p=body.top_p, top_k=body.top_k,
                    min_p=body.min_p, seed=body.seed, repetition_penalty=body.repetition_penalty,
                    presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                   num_draft_tokens=body.num_draft_tokens if s.num_draft_tokens else None)  # plain: no k
+                   num_draft_tokens=body.num_draft_tokens if s.num_draft_tokens else None,  # plain: no k
+                   response_format=body.response_format)
     k = (body.num_draft_tokens or s.num_draft_tokens) if s.num_draft_tokens else 0
     tokenizer = s.tokenizer
     return Job(prompt, options, stop, top_logprobs, want_logprobs, tokenizer.detokenizer,

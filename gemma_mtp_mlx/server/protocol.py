@@ -37,6 +37,9 @@ class GenerationFields(BaseModel):
     num_draft_tokens: Union[Literal["auto"], Annotated[int, Field(ge=1, le=MAX_NUM_DRAFT_TOKENS)], None] = Field(
         None, description="drafts per round, or auto: chosen each round from what the server measures")
     n: int = Field(1, ge=1, le=1, description="one choice per request")
+    response_format: Optional[dict] = Field(
+        None, description="json_object, json_schema (OpenAI's shapes), regex or grammar (Lark): the reply "
+                          "is constrained to it, exactly, with the drafter running")
 
     def stop_strings(self) -> List[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
