@@ -7,6 +7,7 @@ position, and zero-copy views of the K/V that the drafter reads: those of the la
 K/V-computing layer of each attention type.
 """
 
+import json
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -209,7 +210,7 @@ def _load_tokenizer(path: Path, config: Dict):
             "copy them from the original checkpoint"
         )
     try:
-        return load_tokenizer(path, eos_token_ids=_eos_ids(config))
+        return load_tokenizer(path, eos_token_ids=_eos_ids(config, path))
     except Exception as e:
         raise CheckpointError(
             f"the tokenizer files in {path} could not be read ({type(e).__name__}: {e}); "
@@ -235,8 +236,20 @@ def mlx_lm_config(config: Dict) -> Dict:
     }
 
 
-def _eos_ids(config: Dict):
-    eos = config.get("eos_token_id")
-    if eos is None:
-        eos = (config.get("text_config") or {}).get("eos_token_id")
-    return eos
+def _eos_ids(config: Dict, path: Path):
+    """The end-of-generation ids: config.json's and generation_config.json's together
+    (Google's checkpoints list the end of a turn, and more, only in the latter)."""
+    ids = []
+    generation = path / "generation_config.json"
+    sources = [config, config.get("text_config") or {}]
+    if generation.is_file():
+        try:
+            sources.append(json.loads(generation.read_text()))
+        except (OSError, ValueError):
+            pass  # an unreadable generation config: the model's own ids stand
+    for source in sources:
+        eos = source.get("eos_token_id")
+        for i in eos if isinstance(eos, list) else [] if eos is None else [eos]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    return ids or None
