@@ -5,9 +5,10 @@ thought channel) in its tokenizer and a chat template written here in Gemma 4's 
 The fixture tokenizer's last BPE merges make room: their ids become the special tokens, so
 the vocabulary (and the model) keep their size. The template renders what Gemma 4's does:
 `<|turn>system` with `<|think|>` and `<|tool>declaration:NAME{...}<tool|>` entries,
-model turns with `<|tool_call>call:NAME{key:value}<tool_call|>`, OpenAI `role: "tool"`
-messages as `<|tool_response>response:NAME{value:...}<tool_response|>` inside the model's
-turn, and thinking as `<|channel>thought ... <channel|>`. End of generation: `<eos>`,
+model turns with `<|tool_call>call:NAME{key:value}<tool_call|>`, results as
+`<|tool_response>response:NAME{value:...}<tool_response|>` inside the model's
+turn (an assistant message's `tool_responses`, as Google's template reads them), and
+thinking as `<|channel>thought ... <channel|>`. End of generation: `<eos>`,
 `<turn|>` and `<|tool_response>` (a model that has called tools waits for the results).
 """
 
@@ -42,17 +43,17 @@ TEMPLATE = r"""{%- macro value(v) -%}
 {% endif -%}
 {%- set ns = namespace(open=false) -%}
 {%- for m in rest -%}
-{%- if m['role'] == 'tool' -%}
-<|tool_response>response:{{ m.get('name', 'unknown') }}{value:{{ value(m['content']) }}}<tool_response|>
-{%- set ns.open = true -%}
-{%- elif m['role'] == 'assistant' -%}
+{%- if m['role'] == 'assistant' -%}
 {%- if not ns.open -%}<|turn>model
 {% endif -%}
 {%- for call in m.get('tool_calls') or [] -%}
 <|tool_call>call:{{ call['function']['name'] }}{{ value(call['function']['arguments']) }}<tool_call|>
 {%- endfor -%}
+{%- for r in m.get('tool_responses') or [] -%}
+<|tool_response>response:{{ r['name'] }}{{ value(r['response'] if r['response'] is mapping else {'value': r['response']}) }}<tool_response|>
+{%- endfor -%}
 {{ (m['content'] or '') | trim }}
-{%- if m.get('tool_calls') -%}{%- set ns.open = true -%}{%- else -%}<turn|>
+{%- if m.get('tool_responses') and not m['content'] -%}{%- set ns.open = true -%}{%- else -%}<turn|>
 {% set ns.open = false -%}{%- endif -%}
 {%- else -%}
 {%- if ns.open -%}<turn|>

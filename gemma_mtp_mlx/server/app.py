@@ -23,8 +23,10 @@ from ..structured.grammar import grammar_processor
 from ..validate import MAX_NUM_DRAFT_TOKENS
 from . import lockstep
 from .prompt_cache import PromptCache
-from .protocol import ChatRequest, CompletionRequest, GenerationFields, error_body, new_id, now
-from .worker import Delta, Job, TokenInfo, Worker
+from .chat import chat_prompt, tool_format
+from .protocol import BadRequest, ChatRequest, CompletionRequest, GenerationFields, error_body, now
+from .shapes import ChatShape, CompletionShape
+from .worker import Delta, Job, Worker
 
 ENDPOINTS = "/health, /metrics, /v1/models, /v1/completions, /v1/chat/completions"
 
@@ -39,12 +41,6 @@ class Served:
     vocab_size: int
     num_draft_tokens: Union[int, str]  # the server's default per request ("auto" or k); 0 without a drafter
     max_tokens: int  # per request, when it does not say
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, param: Optional[str] = None, status: int = 400):
-        super().__init__(message)
-        self.param, self.status = param, status
 
 
 def create_app(worker: Worker, model_name: str) -> FastAPI:
@@ -94,7 +90,7 @@ def create_app(worker: Worker, model_name: str) -> FastAPI:
         if top and not body.logprobs:
             raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
         job = make_job(s, body, prompt, top_logprobs=top, want_logprobs=body.logprobs)
-        return await respond(worker, job, body, request, ChatShape(model_name, job.want_logprobs))
+        return await respond(worker, job, body, request, ChatShape(model_name, job.want_logprobs, bool(body.tools)))
 
     return app
 
@@ -138,28 +134,15 @@ def completion_prompt(s: Served, prompt) -> List[int]:
         raise BadRequest(str(e), param="prompt")
 
 
-def chat_prompt(s: Served, body: ChatRequest, model_name: str) -> List[int]:
-    tokenizer = s.tokenizer
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise BadRequest(f"{model_name} has no chat template, so it cannot serve chat completions: use "
-                         "/v1/completions with a prompt, or serve an instruction-tuned Gemma 4 (--model)",
-                         param="messages")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in body.messages]
-    try:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-    except Exception as e:  # the template's own checks (e.g. roles must alternate)
-        raise BadRequest(f"messages: the chat template refused them: {e}", param="messages")
-
-
 def make_job(s: Served, body: GenerationFields, prompt: List[int], top_logprobs: int,
              want_logprobs: bool) -> Job:
     try:
         stop = body.stop_strings()
     except ValueError as e:
         raise BadRequest(str(e), param="stop")
+    response_format = tool_format(s, body)
     try:  # compiled again for the row; here so that a bad format is a 400 naming its field
-        grammar_processor(s.tokenizer, body.response_format, s.vocab_size)
+        grammar_processor(s.tokenizer, response_format, s.vocab_size)
     except ValueError as e:
         raise BadRequest(str(e), param="response_format")
     max_tokens = body.token_limit(s.max_tokens)
@@ -171,7 +154,7 @@ def make_job(s: Served, body: GenerationFields, prompt: List[int], top_logprobs:
                    min_p=body.min_p, seed=body.seed, repetition_penalty=body.repetition_penalty,
                    presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                    num_draft_tokens=body.num_draft_tokens if s.num_draft_tokens else None,  # plain: no k
-                   response_format=body.response_format)
+                   response_format=response_format)
     k = (body.num_draft_tokens or s.num_draft_tokens) if s.num_draft_tokens else 0
     tokenizer = s.tokenizer
     return Job(prompt, options, stop, top_logprobs, want_logprobs, tokenizer.detokenizer,
@@ -221,13 +204,15 @@ async def stream_events(worker: Worker, job: Job, first: Delta, shape, include_u
     client disconnects, the task running this is cancelled and the row is removed."""
     try:
         delta = first
-        yield sse(shape.chunk(None, include_usage))  # the opening chunk (chat: the role)
+        for payload in shape.chunks(None, include_usage):  # the opening chunk (chat: the role)
+            yield sse(payload)
         while True:
             if delta.error:
                 yield sse(error_body(delta.error, "server_error"))
                 return
             if delta.text or delta.tokens or delta.finish_reason:
-                yield sse(shape.chunk(delta, include_usage))
+                for payload in shape.chunks(delta, include_usage):
+                    yield sse(payload)
             if delta.finish_reason:
                 break
             delta = await job.queue.get()
@@ -241,85 +226,6 @@ async def stream_events(worker: Worker, job: Job, first: Delta, shape, include_u
 
 def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
-
-
-class CompletionShape:
-    """/v1/completions bodies; logprobs in the legacy form (tokens, token_logprobs, top_logprobs)."""
-
-    object_name = "text_completion"
-
-    def __init__(self, model_name: str, want_logprobs: bool):
-        self.model_name, self.want_logprobs = model_name, want_logprobs
-        self.id, self.created = new_id("cmpl"), now()
-
-    def envelope(self, choices: list, **extra) -> dict:
-        return dict(id=self.id, object=self.object_name, created=self.created, model=self.model_name,
-                    choices=choices, **extra)
-
-    def logprobs(self, tokens: List[TokenInfo], offset: int = 0) -> Optional[dict]:
-        if not self.want_logprobs:
-            return None
-        offsets, at = [], offset
-        for t in tokens:
-            offsets.append(at)
-            at += len(t.text)
-        return dict(tokens=[t.text for t in tokens], token_logprobs=[t.logprob for t in tokens],
-                    top_logprobs=[dict(t.top) for t in tokens], text_offset=offsets)
-
-    def whole(self, deltas: List[Delta]) -> dict:
-        tokens = [t for d in deltas for t in d.tokens]
-        choice = dict(index=0, text="".join(d.text for d in deltas), finish_reason=deltas[-1].finish_reason,
-                      logprobs=self.logprobs(tokens))
-        return self.envelope([choice], usage=deltas[-1].usage)
-
-    def chunk(self, delta: Optional[Delta], include_usage: bool) -> dict:
-        extra = dict(usage=None) if include_usage else {}
-        if delta is None:  # completions have no role chunk: an empty first text
-            return self.envelope([dict(index=0, text="", logprobs=None, finish_reason=None)], **extra)
-        choice = dict(index=0, text=delta.text, finish_reason=delta.finish_reason,
-                      logprobs=self.logprobs(delta.tokens, delta.offset))
-        return self.envelope([choice], **extra)
-
-    def usage_chunk(self, usage: dict) -> dict:
-        return self.envelope([], usage=usage)
-
-
-class ChatShape(CompletionShape):
-    """/v1/chat/completions bodies; logprobs as {"content": [{token, logprob, bytes, top_logprobs}]}."""
-
-    object_name = "chat.completion"
-
-    def __init__(self, model_name: str, want_logprobs: bool):
-        super().__init__(model_name, want_logprobs)
-        self.id = new_id("chatcmpl")
-
-    def logprobs(self, tokens: List[TokenInfo], offset: int = 0) -> Optional[dict]:
-        if not self.want_logprobs:
-            return None
-        entry = lambda text, lp: dict(token=text, logprob=lp, bytes=list(text.encode()))
-        return dict(content=[dict(entry(t.text, t.logprob), top_logprobs=[entry(s, lp) for s, lp in t.top])
-                             for t in tokens])
-
-    def whole(self, deltas: List[Delta]) -> dict:
-        tokens = [t for d in deltas for t in d.tokens]
-        message = dict(role="assistant", content="".join(d.text for d in deltas))
-        choice = dict(index=0, message=message, finish_reason=deltas[-1].finish_reason,
-                      logprobs=self.logprobs(tokens))
-        return self.envelope([choice], usage=deltas[-1].usage)
-
-    def chunk(self, delta: Optional[Delta], include_usage: bool) -> dict:
-        extra = dict(usage=None) if include_usage else {}
-        out = dict(id=self.id, object="chat.completion.chunk", created=self.created, model=self.model_name)
-        if delta is None:
-            choice = dict(index=0, delta=dict(role="assistant", content=""), logprobs=None, finish_reason=None)
-        else:
-            choice = dict(index=0, delta=dict(content=delta.text), finish_reason=delta.finish_reason,
-                          logprobs=self.logprobs(delta.tokens))
-        return dict(out, choices=[choice], **extra)
-
-    def usage_chunk(self, usage: dict) -> dict:
-        return dict(id=self.id, object="chat.completion.chunk", created=self.created, model=self.model_name,
-                    choices=[], usage=usage)
 
 
 def metrics_text(worker: Worker) -> str:

@@ -62,8 +62,12 @@ class TextPart(BaseModel):
 
 
 class Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, List[TextPart], None] = None
+    tool_calls: Optional[List[dict]] = None  # an assistant's calls, as OpenAI returns them
+    tool_call_id: Optional[str] = None  # a tool message: the call it answers
+    name: Optional[str] = None
+    reasoning_content: Optional[str] = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -76,9 +80,25 @@ class ChatRequest(GenerationFields):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: Optional[List[dict]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], dict, None] = None
+    parallel_tool_calls: bool = True
+    chat_template_kwargs: Optional[dict] = Field(None, description="e.g. {\"enable_thinking\": true}")
+
+    @property
+    def thinking(self) -> bool:
+        return bool((self.chat_template_kwargs or {}).get("enable_thinking", False))
 
     def token_limit(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default
+
+
+class BadRequest(Exception):
+    """A request the server answers with `status` (400 unless said), naming `param`."""
+
+    def __init__(self, message: str, param: Optional[str] = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.status = param, status
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: Optional[str] = None,

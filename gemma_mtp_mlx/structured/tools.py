@@ -80,8 +80,8 @@ def split_thought(text: str) -> Tuple[Optional[str], str]:
 
 
 def parse_reply(text: str) -> Tuple[Optional[str], str, List[ToolCall]]:
-    """A whole reply as (reasoning, content, tool calls). Text that looks like a call but
-    does not parse stays in the content."""
+    """A whole reply as (reasoning, content, tool calls). A call that does not parse (cut
+    by max_tokens, say) stays in the content as text, its special tokens removed."""
     reasoning, rest = split_thought(text)
     calls, content = [], []
     pieces = rest.split(CALL_START)
@@ -90,11 +90,17 @@ def parse_reply(text: str) -> Tuple[Optional[str], str, List[ToolCall]]:
         body, _, after = piece.partition(CALL_END)
         try:
             calls.append(parse_call(body))
-        except ValueError:
-            content.append(CALL_START + piece)
+        except (ValueError, json.JSONDecodeError):
+            content.append(_plain(piece))
             continue
         content.append(after)
-    return reasoning, "".join(content).strip() if calls else "".join(content), calls
+    return reasoning, "".join(content), calls
+
+
+def _plain(text: str) -> str:
+    for marker in (CALL_END, STRING, CALL_START):
+        text = text.replace(marker, "")
+    return text
 
 
 class ReplyStream:
