@@ -204,3 +204,26 @@ def test_bad_tool_requests_answer_400_and_the_server_goes_on(body, message, tool
     good = tool_server.client.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}],
                                                       max_tokens=2)
     assert good.usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("fmt, body", [
+    ({"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}, '{"a":12}'),
+    ({"type": "regex", "regex": "[a-c]+/x"}, "abca/x"),
+])
+def test_a_format_with_thinking_starts_after_an_optional_thought(fmt, body, chat_pair):
+    """One grammar holds the thought and the format: a reply may think first or not, and
+    the format holds from the thought's end (never inside it)."""
+    from gemma_mtp_mlx.structured.grammar import grammar_processor
+    from gemma_mtp_mlx.structured.tool_grammar import after_thought
+
+    _, tokenizer, _ = chat_pair
+    wrapped = after_thought(tokenizer, fmt)
+    assert wrapped["type"] == "grammar"
+    for text in (body, "<|channel>thought\n{not json yet<channel|>" + body):
+        matcher = grammar_processor(tokenizer, wrapped, 256).matcher
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert matcher.validate_tokens(ids) == len(ids) and matcher.consume_tokens(ids) and matcher.is_accepting()
+    matcher = grammar_processor(tokenizer, wrapped, 256).matcher
+    bad = tokenizer.encode("<|channel>thought\nok<channel|>zzz", add_special_tokens=False)
+    assert matcher.validate_tokens(bad) < len(bad)

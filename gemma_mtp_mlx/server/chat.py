@@ -10,7 +10,7 @@ request turns it on (`chat_template_kwargs: {"enable_thinking": true}`).
 import json
 from typing import List, Optional
 
-from ..structured.tool_grammar import tool_constraint
+from ..structured.tool_grammar import after_thought, tool_constraint
 from ..structured.tools import check_tools
 from .protocol import BadRequest, ChatRequest, Message
 
@@ -86,8 +86,10 @@ def _result(text: str):
 def tool_format(s, body) -> Optional[dict]:
     """The `response_format` the request constrains its reply with: its own, or the one its
     `tool_choice` asks for (a 400 naming the field when they clash or are malformed)."""
-    if not isinstance(body, ChatRequest) or not (body.tools or body.tool_choice):
+    if not isinstance(body, ChatRequest):
         return body.response_format
+    if not (body.tools or body.tool_choice):
+        return _after_thought(s, body) if body.thinking and body.response_format else body.response_format
     try:
         constraint = tool_constraint(s.tokenizer, body.tools, body.tool_choice, body.parallel_tool_calls,
                                      body.thinking)
@@ -96,4 +98,13 @@ def tool_format(s, body) -> Optional[dict]:
     if constraint is not None and body.response_format is not None:
         raise BadRequest("response_format and tool_choice both constrain the reply: give one of them",
                          param="response_format")
+    if constraint is None and body.thinking and body.response_format:
+        return _after_thought(s, body)
     return constraint or body.response_format
+
+
+def _after_thought(s, body) -> dict:
+    try:
+        return after_thought(s.tokenizer, body.response_format)
+    except ValueError as e:
+        raise BadRequest(str(e), param="response_format")

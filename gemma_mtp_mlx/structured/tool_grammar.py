@@ -12,6 +12,7 @@ import json
 from typing import Dict, List
 
 from ..validate import InvalidInput
+from .grammar import JSON_OPTIONS, _llguidance, grammar_text
 from .tools import CALL_END, CALL_START, STRING, THOUGHT_END, THOUGHT_START, check_tools, chosen_name
 
 INTEGER = r"/-?(0|[1-9][0-9]{0,17})/"
@@ -148,3 +149,20 @@ def tool_constraint(tokenizer, tools, tool_choice="auto", parallel: bool = True,
                                                                    "start: thought? (/(?s:.*)/ | call)", 1)
         return {"type": "grammar", "grammar": calls}
     return {"type": "grammar", "grammar": call_grammar(tools, tool_choice, parallel, ids, thinking)}
+
+
+def after_thought(tokenizer, response_format):
+    """A JSON or regex `response_format` that lets a thought come first (thinking on): one
+    grammar holds both, so the boundary never falls between two rounds' constraints. A Lark
+    grammar is the caller's whole reply and is left as it is."""
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind not in ("json_object", "json_schema", "regex"):
+        return response_format
+    grammar_text(response_format)  # the format's own checks, naming its fields
+    ids = special_ids(tokenizer)
+    if kind == "regex":
+        body = "/" + _llguidance().regex_to_lark(response_format["regex"]) + "/"
+    else:
+        schema = {"type": "object"} if kind == "json_object" else response_format["json_schema"]["schema"]
+        body = "%json " + json.dumps(dict(schema, **{"x-guidance": JSON_OPTIONS}))
+    return {"type": "grammar", "grammar": "\n".join(["start: thought? body", _thought(ids, True), f"body: {body}"])}
