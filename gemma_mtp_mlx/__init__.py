@@ -4,9 +4,10 @@ The names below are imported on first use, so `import gemma_mtp_mlx` (and the co
 line's start-up) does not wait for MLX, mlx-lm and transformers until they are needed.
 """
 
-import importlib
 import sys
 import types
+
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -31,12 +32,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 def __dir__():

@@ -10,7 +10,7 @@ every row). `cache.py` is the ragged K/V cache those rows share, `generate.py` t
 single-stream code can import the ragged cache without loading the engine.
 """
 
-import importlib
+from .._lazy import lazy_exports
 
 _EXPORTS = {
     "BatchEngine": "engine",
@@ -21,10 +21,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)

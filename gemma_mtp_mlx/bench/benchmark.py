@@ -33,6 +33,7 @@ from mlx_lm.sample_utils import make_sampler
 from .. import distributed
 from . import shapes, timeline
 from ..adaptive import AUTO, AUTO_MAX_DRAFT_TOKENS, round_cost
+from ..arguments import add_pair_options
 from ..cache import rollback_cache
 from ..generate import chat_prompt, encode_prompt, stream_generate
 from ..loading import DEFAULT_MODEL, DEFAULT_PROMPTS_FILE, as_target
@@ -481,11 +482,7 @@ def _float_list(text: str) -> Tuple[float, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="target: local directory (a converted pair brings its drafter) or Hub repo id; "
-                             "unset: the pair that ships with the package")
-    parser.add_argument("--draft-model", default=None,
-                        help="gemma4_assistant drafter: directory or Hub repo id; unset: the pair's own")
+    add_pair_options(parser, no_draft=False)
     parser.add_argument("--prompts", default=None, metavar="FILE",
                         help="one prompt per line, each wrapped in the chat template when the tokenizer has "
                              "one; in a .jsonl file each line is a JSON string; unset: the default model's "

@@ -17,6 +17,7 @@ from typing import List, Sequence, Union
 
 import mlx.core as mx
 
+from ..arguments import add_pair_options
 from ..cache import rollback_cache
 from ..generate import chat_prompt, encode_prompt, stream_generate
 from ..loading import DEFAULT_MODEL, DEFAULT_PROMPTS_FILE, as_target, load
@@ -110,11 +111,7 @@ def describe(check: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="target: local directory (a converted pair brings its drafter) or Hub repo id "
-                             "(default: the pair that ships with the package)")
-    parser.add_argument("--draft-model", default=None,
-                        help="gemma4_assistant drafter: directory or Hub repo id (default: the pair's own)")
+    add_pair_options(parser, no_draft=False)
     parser.add_argument("--num-draft-tokens", type=int, default=None,
                         help="k, tokens drafted per round (default: the drafter's own)")
     parser.add_argument("--max-tokens", type=int, default=DOCTOR_MAX_TOKENS,
