@@ -66,6 +66,17 @@ class Sampling:
         """Whether p is known (rejection sampling); a custom sampler is a black box."""
         return self.sampler is None and self.temp > 0
 
+    @property
+    def drafts_processed(self) -> bool:
+        """Whether drafts come from the drafter's distribution after the logits processors
+        (each draft seeing the drafts before it): sampled drafts, and greedy ones under
+        processors (a grammar: drafts it forbids would only be rejected). Exact either way:
+        sampled drafts are judged with that processed q, greedy ones against the target's
+        argmax."""
+        if not self.logits_processors:
+            return False
+        return self.is_greedy or (self.exact_distribution and self.draft_mode == "sampled")
+
     def process(self, history: mx.array, tokens: mx.array, logits: mx.array) -> mx.array:
         """Processed log-probabilities [N, V] for N positions.
 

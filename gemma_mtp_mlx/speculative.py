@@ -210,6 +210,8 @@ def queue_round(target: Target, drafter, cache: List, sampling: Sampling, start:
         drafts, draft_logq = draft(target, drafter, cache, sampling, start, k)
         inputs = mx.concatenate([start.token, drafts.astype(start.token.dtype)])  # [k + 1]
         logits, hiddens = target(inputs[None], cache, start.unsettled)
+        if sampling.logits_processors:  # the verify runs while they work on the host (a grammar's masks)
+            mx.async_eval(logits, hiddens)
         logprobs = sampling.process(start.history, inputs, logits[0])  # [k + 1, vocab]
         accepted, choices = sampling.accept(drafts, draft_logq, logprobs)
         pending = PendingRound(start.position, drafts, accepted, choices, hiddens,
@@ -224,11 +226,10 @@ def draft(target: Target, drafter, cache: List, sampling: Sampling, start: Round
     if not k:
         return mx.array([], dtype=mx.uint32), None
     sample = keys = None
-    if sampling.exact_distribution and sampling.draft_mode == "sampled":
-        if sampling.logits_processors:  # they read the drafts so far: op by op
-            sample = partial(sample_draft, sampling, start.history)
-        else:  # traced into the compiled draft
-            sample, keys = sampling.draw, mx.random.split(sampling.keys.next(), k)
+    if sampling.drafts_processed:  # they read the drafts so far: op by op
+        sample = partial(sample_draft, sampling, start.history)
+    elif sampling.exact_distribution and sampling.draft_mode == "sampled":  # traced into the compiled draft
+        sample, keys = sampling.draw, mx.random.split(sampling.keys.next(), k)
     shared_kv = target.drafter_kv(cache, start.unsettled)
     position = start.position if start.unsettled is None else start.position - start.unsettled
     return drafter.draft(target.embed, start.token, start.hidden, position, shared_kv, k, sample, keys)

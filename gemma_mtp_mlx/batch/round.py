@@ -169,7 +169,10 @@ def split_keys(keys: mx.array, n: int):
 
 
 def samples_drafts(row: Row) -> bool:
-    return row.sampling.exact_distribution and row.sampling.draft_mode == "sampled"
+    """Whether the row's drafts are drawn from the drafter's processed distribution (see
+    `Sampling.drafts_processed`), not taken as its argmax."""
+    s = row.sampling
+    return s.drafts_processed or (s.exact_distribution and s.draft_mode == "sampled")
 
 
 def draw(sampling: Sampling, logits: mx.array, keys: mx.array, history: Optional[list]):
