@@ -9,7 +9,7 @@ from gemma_mtp_mlx.bench import benchmark as bench
 
 FIELDS = ("name", "kind", "k", "temp", "tokens_per_s", "tokens_per_s_by_repeat", "ratio",
           "mean_accepted_length", "acceptance_by_position", "rejection_rate", "fallback_rate",
-          "peak_memory_gb", "predicted_speedup", "measured_over_predicted")
+          "peak_memory_gb", "predicted_speedup", "measured_over_predicted", "efficiency", "planted_acceptance")
 SMALL = dict(ks=(1, 2), temps=(0.0,), max_tokens=8, repeats=1, timing_iters=3)
 
 
@@ -39,6 +39,7 @@ def test_every_configuration_reports_every_field(result):
         assert r["predicted_speedup"] == pytest.approx(
             r["mean_accepted_length"] / (result["costs"]["v"][str(k)] + k * result["costs"]["c"]))
         assert r["measured_over_predicted"] == pytest.approx(r["ratio"] / r["predicted_speedup"])
+        assert r["efficiency"] == pytest.approx(r["ratio"] / r["mean_accepted_length"])
     assert configs["mlx-lm t=0"]["mean_accepted_length"] is None
 
 

@@ -10,6 +10,11 @@ relative to one target decode step, and `v(k)`, a target verify forward of k + 1
 relative to one decode step. One round of k drafts then costs v(k) + k * c decode steps
 and yields the mean accepted length in tokens, while plain decoding yields one token per
 decode step, so the predicted speedup is mean accepted length / (v(k) + k * c).
+
+With planted acceptance (planted.py) it also runs, for each fixed k and each rate A, rounds
+whose drafts the target accepts with probability A per position: the measured speedup
+over the mean accepted length (the efficiency) then says how much of the bound the runtime
+reaches at that acceptance.
 """
 
 import argparse
@@ -31,7 +36,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 
 from .. import distributed
-from . import shapes, timeline
+from . import planted, shapes, timeline
 from ..adaptive import AUTO, AUTO_MAX_DRAFT_TOKENS, round_cost
 from ..arguments import add_pair_options
 from ..cache import rollback_cache
@@ -54,14 +59,15 @@ TIMING_WARMUP = 3
 
 @dataclass(frozen=True)
 class Config:
-    kind: str  # "plain" (our API, no drafter), "mlx-lm" (mlx_lm.stream_generate), "speculative", "auto"
+    kind: str  # "plain" (our API, no drafter), "mlx-lm" (mlx_lm.stream_generate), "speculative", "auto", "planted"
     temp: float
     k: int = 0
+    acceptance: Optional[float] = None  # "planted": each draft is the target's own token with this probability
 
     @property
     def name(self) -> str:
-        what = f"k={self.k}" if self.kind == "speculative" else self.kind
-        return f"{what} t={self.temp:g}"
+        what = f"k={self.k}" if self.kind in ("speculative", "planted") else self.kind
+        return f"{what} t={self.temp:g}" + (f" A={self.acceptance:g}" if self.kind == "planted" else "")
 
     @property
     def num_draft_tokens(self):
@@ -91,6 +97,7 @@ def run_benchmark(
     model_name: Optional[str] = None,
     draft_model_name: Optional[str] = None,
     progress: Optional[Callable[[str], None]] = None,
+    planted_acceptance: Sequence[float] = (),
 ) -> dict:
     """Benchmark `model` (the target from `load`) with and without `draft_model`.
 
@@ -98,28 +105,32 @@ def run_benchmark(
     `costs` (decode ms, c, v(k)), `exactness` (selfcheck.exactness_check at the largest
     k) and `configs`, one entry per configuration with its
     median tokens/s over `repeats`, ratio to plain decoding at the same temperature,
-    acceptance statistics, peak memory and predicted speedup.
+    acceptance statistics, peak memory and predicted speedup. `planted_acceptance`: rates A
+    for planted rows (kind "planted", greedy only) at each fixed k; the exactness check
+    then covers them too (`exactness["planted"]`).
     """
     target = as_target(model)
-    ks, temps = tuple(ks), tuple(temps)
-    _check_options(draft_model, prompts, ks, temps, max_tokens, repeats)
+    ks, temps, acceptances = tuple(ks), tuple(temps), tuple(planted_acceptance)
+    _check_options(draft_model, prompts, ks, temps, max_tokens, repeats, acceptances)
     report = progress or (lambda line: None)
     prompts = [encode_prompt(tokenizer, p).tolist() for p in prompts]
-    configs = [
-        config
-        for temp in temps
-        for config in [Config("plain", temp), Config("mlx-lm", temp)] + [_draft_config(temp, k) for k in ks]
-    ]
+    configs = _configs(ks, temps, acceptances)
+    planted_by = {}  # A -> a PlantedDrafter per prompt
+    if acceptances:
+        report("decoding each prompt plainly for the planted drafts")
+        planted_by = planted.planted_drafters(target, tokenizer, draft_model, prompts, acceptances,
+                                              max_tokens=max_tokens, seed=seed)
 
-    def run(config: Config, prompt: List[int], prompt_seed: int, tokens: int) -> Run:
+    def run(config: Config, i: int, tokens: int) -> Run:
         mx.reset_peak_memory()
         if config.kind == "mlx-lm":
-            return _run_mlx_lm(target, tokenizer, prompt, config.temp, tokens, prompt_seed)
-        return _run_ours(target, tokenizer, draft_model, prompt, config, tokens, prompt_seed)
+            return _run_mlx_lm(target, tokenizer, prompts[i], config.temp, tokens, seed + i)
+        drafter = planted_by[config.acceptance][i] if config.kind == "planted" else draft_model
+        return _run_ours(target, tokenizer, drafter, prompts[i], config, tokens, seed + i)
 
     report(f"warming up {len(configs)} configurations")
     for config in configs:
-        run(config, prompts[0], seed, min(max_tokens, 16))
+        run(config, 0, min(max_tokens, 16))
     report("measuring step costs")
     timed_ks = sorted({k for k in ks if k != AUTO} | (set(range(1, AUTO_MAX_DRAFT_TOKENS + 1)) if AUTO in ks else set()))
     costs = measure_costs(target, draft_model, prompts[0], timed_ks, iters=timing_iters)
@@ -128,34 +139,62 @@ def run_benchmark(
     for repeat in range(repeats):
         order = configs if repeat % 2 == 0 else configs[::-1]
         for config in order:
-            runs[config].append([run(config, p, seed + i, max_tokens) for i, p in enumerate(prompts)])
+            runs[config].append([run(config, i, max_tokens) for i in range(len(prompts))])
             tps = _tokens_per_s(runs[config][-1])
             report(f"repeat {repeat + 1}/{repeats} {config.name}: {tps:.1f} tokens/s")
 
     report("checking exactness (greedy speculative output == plain output)")
-    fixed_ks = [k for k in ks if k != AUTO] or [AUTO_MAX_DRAFT_TOKENS]
-    exactness = exactness_check(target, tokenizer, draft_model, prompts, num_draft_tokens=max(fixed_ks),
-                                max_tokens=max_tokens)
-    results = [_summarise(config, runs[config], costs) for config in configs]
-    plain = {r["temp"]: r["tokens_per_s"] for r in results if r["kind"] == "plain"}
-    for r in results:
-        r["ratio"] = r["tokens_per_s"] / plain[r["temp"]]
-        if r["predicted_speedup"] is not None:
-            r["measured_over_predicted"] = r["ratio"] / r["predicted_speedup"]
+    exactness = _exactness(target, tokenizer, draft_model, prompts, ks, max_tokens, planted_by)
+    results = _with_ratios([_summarise(config, runs[config], costs) for config in configs])
     return dict(
         machine=machine_info(),
         command=command_line(),
         model=describe_model(target.model, target.args, target.model.model_type, model_name),
         draft_model=describe_model(draft_model, draft_model.args.text, "gemma4_assistant", draft_model_name),
         settings=dict(ks=list(ks), temps=list(temps), max_tokens=max_tokens, repeats=repeats, seed=seed,
-                      prompts=len(prompts), prompt_tokens=[len(p) for p in prompts], timing_iters=timing_iters),
+                      prompts=len(prompts), prompt_tokens=[len(p) for p in prompts], timing_iters=timing_iters,
+                      planted_acceptance=list(acceptances)),
         costs=costs,
         exactness=exactness,
         configs=results,
     )
 
 
-def _check_options(draft_model, prompts, ks, temps, max_tokens, repeats) -> None:
+def _exactness(target, tokenizer, drafter, prompts, ks, max_tokens: int, planted_by: dict) -> dict:
+    """selfcheck.exactness_check at the largest fixed k, and (`planted`) the same
+    comparison with each planted drafter; `ok` needs both."""
+    k = max([k for k in ks if k != AUTO] or [AUTO_MAX_DRAFT_TOKENS])
+    exactness = exactness_check(target, tokenizer, drafter, prompts, num_draft_tokens=k, max_tokens=max_tokens)
+    if planted_by:
+        exactness["planted"] = planted.planted_exactness(target, tokenizer, planted_by, prompts,
+                                                         num_draft_tokens=k, max_tokens=max_tokens)
+        exactness["ok"] = exactness["ok"] and exactness["planted"]["ok"]
+    return exactness
+
+
+def _with_ratios(results: List[dict]) -> List[dict]:
+    """Each row's tokens/s over plain decoding's at its temperature, and over the predicted
+    speedup and the mean accepted length where there is one."""
+    plain = {r["temp"]: r["tokens_per_s"] for r in results if r["kind"] == "plain"}
+    for r in results:
+        r["ratio"] = r["tokens_per_s"] / plain[r["temp"]]
+        if r["predicted_speedup"] is not None:
+            r["measured_over_predicted"] = r["ratio"] / r["predicted_speedup"]
+            r["efficiency"] = r["ratio"] / r["mean_accepted_length"]
+    return results
+
+
+def _configs(ks, temps, acceptances) -> List[Config]:
+    """Per temperature: plain, mlx-lm, each k in `ks`, then each fixed k at each planted rate."""
+    return [
+        config
+        for temp in temps
+        for config in [Config("plain", temp), Config("mlx-lm", temp)] + [_draft_config(temp, k) for k in ks]
+        + [Config("planted", temp, k, a) for k in ks if k != AUTO for a in acceptances]
+    ]
+
+
+def _check_options(draft_model, prompts, ks, temps, max_tokens, repeats, acceptances=()) -> None:
     if draft_model is None:
         raise ValueError("the benchmark needs a drafter: pass --draft-model (a gemma4_assistant checkpoint) "
                          "or a converted pair directory")
@@ -167,6 +206,13 @@ def _check_options(draft_model, prompts, ks, temps, max_tokens, repeats) -> None
         raise ValueError(f"temperatures must be distinct numbers >= 0, got {list(temps)}")
     if max_tokens < 1 or repeats < 1:
         raise ValueError(f"max_tokens and repeats must be at least 1, got {max_tokens} and {repeats}")
+    if acceptances:
+        planted.check_greedy(temps)
+        if any(not 0 <= a <= 1 for a in acceptances) or len(set(acceptances)) != len(acceptances):
+            raise ValueError(f"planted acceptance rates must be distinct numbers from 0 to 1, got {list(acceptances)}")
+        if AUTO in ks and len(ks) == 1:
+            raise ValueError(f"planted acceptance is measured at fixed draft lengths: give at least one number in "
+                             f"--ks (not only {AUTO})")
 
 
 def _run_ours(target, tokenizer, drafter, prompt, config: Config, max_tokens: int, seed: int) -> Run:
@@ -214,13 +260,15 @@ def _summarise(config: Config, repeats: List[List[Run]], costs: dict) -> dict:
         round_cost=None,
         predicted_speedup=None,
         measured_over_predicted=None,
+        efficiency=None,  # ratio / mean accepted length: the share of the free-round bound reached
+        planted_acceptance=config.acceptance,
     )
     if config.kind != "mlx-lm":
         stats = functools.reduce(SpeculativeStats.merge, [r.stats for r in every_run])  # rates over every round
         result.update(mean_accepted_length=stats.mean_accepted_length,
                       acceptance_by_position=stats.acceptance_by_position,
                       rejection_rate=stats.rejection_rate, fallback_rate=stats.fallback_rate)
-    if config.kind == "speculative":
+    if config.kind in ("speculative", "planted"):
         cost = round_cost(config.k, costs["c"], costs["v"][str(config.k)])
         result.update(round_cost=cost, predicted_speedup=result["mean_accepted_length"] / cost)
     if config.kind == "auto":
@@ -399,14 +447,15 @@ def _number(value: Optional[float], digits: int = 2) -> str:
 def markdown_table(result: dict) -> str:
     lines = [
         "| config | tokens/s | ratio | mean accepted length | acceptance by position | predicted speedup "
-        "| measured/predicted |",
-        "|---|---:|---:|---:|---|---:|---:|",
+        "| measured/predicted | efficiency |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in result["configs"]:
         by_position = " ".join(f"{a:.2f}" for a in r["acceptance_by_position"] or []) or "-"
         lines.append(
             f"| {r['name']} | {r['tokens_per_s']:.1f} | {_number(r['ratio'])} | {_number(r['mean_accepted_length'])} "
-            f"| {by_position} | {_number(r['predicted_speedup'])} | {_number(r['measured_over_predicted'])} |"
+            f"| {by_position} | {_number(r['predicted_speedup'])} | {_number(r['measured_over_predicted'])} "
+            f"| {_number(r['efficiency'])} |"
         )
     return "\n".join(lines)
 
@@ -439,7 +488,9 @@ def markdown_report(result: dict) -> str:
         f"- exactness: {_describe_exactness(result['exactness'])}",
         "",
         "ratio: tokens/s over plain decoding (our API) at the same temp. predicted speedup: mean accepted "
-        "length / (v(k) + k c). Absolute tokens/s compare only on the same machine.",
+        "length / (v(k) + k c). efficiency: ratio / mean accepted length (1 would be free drafts and a free "
+        "verify). A=...: planted acceptance, each draft replaced by the target's own greedy token with "
+        "probability A after the drafter ran. Absolute tokens/s compare only on the same machine.",
         "",
         markdown_table(result),
     ]
@@ -451,8 +502,11 @@ def markdown_report(result: dict) -> str:
 
 def _describe_exactness(check: dict) -> str:
     verdict = "exact" if check["ok"] else "NOT EXACT (see `gemma-mtp doctor`)"
+    planted_runs = check.get("planted")
+    with_planted = (f", with planted drafts on {planted_runs['identical']}/{planted_runs['runs']} runs"
+                    if planted_runs else "")
     return (f"greedy speculative output == plain output on {check['identical']}/{check['prompts']} prompts "
-            f"(k={check['k']}); largest |verify logits - one-by-one decode logits| "
+            f"(k={check['k']}){with_planted}; largest |verify logits - one-by-one decode logits| "
             f"{check['max_logit_gap']:.3g}; {verdict}")
 
 
@@ -500,6 +554,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="random seed of the sampled runs")
     parser.add_argument("--out", default=DEFAULT_OUT,
                         help="directory for bench.json and bench.md")
+    parser.add_argument("--planted-acceptance", type=_float_list, default=(), metavar="A,A,...",
+                        help="also measure, at each fixed k, rounds whose drafts (after the drafter ran) are "
+                             "replaced by the target's own greedy tokens with probability A per position: "
+                             "acceptance as a dial, output unchanged; greedy only (--temps 0)")
     parser.add_argument("--auto", action="store_true",
                         help="also pick and print the k with the highest tokens/s at the first --temps value")
     parser.add_argument("--shapes", nargs="?", const="published", default=None, choices=sorted(shapes.SHAPE_SETS),
@@ -562,6 +620,11 @@ def run(args: argparse.Namespace) -> None:
     """Benchmark as `args` say, write the reports, print the table (and the best k with --auto)."""
     if args.shapes and args.profile:
         raise ValueError("--shapes and --profile are separate measurements: give one of them")
+    if args.planted_acceptance and (args.shapes or args.profile or args.batch_sizes):
+        raise ValueError("--planted-acceptance adds rows to the benchmark's table: run it without --shapes, "
+                         "--profile and --batch-sizes")
+    if args.planted_acceptance:
+        planted.check_greedy(args.temps)  # before loading anything
     if distributed.world().size() > 1 and (args.shapes or args.profile or args.batch_sizes):
         raise ValueError("--shapes, --profile and --batch-sizes measure one process: run them without "
                          "mlx.launch (under it, bench measures the split pair's plain and speculative decoding)")
@@ -590,6 +653,7 @@ def run(args: argparse.Namespace) -> None:
         model_name=args.model or f"(default) {DEFAULT_MODEL.name}",
         draft_model_name=args.draft_model or "(the pair's drafter)",
         progress=lambda line: print(line, file=sys.stderr, flush=True),
+        planted_acceptance=args.planted_acceptance,
     )
     if args.auto:
         result["best"] = best_k(result, args.temps[0])

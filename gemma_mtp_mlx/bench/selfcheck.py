@@ -46,7 +46,7 @@ def exactness_check(target, tokenizer, drafter, prompts: Sequence[Union[str, Lis
         plain = [r.token for r in stream_generate(target, tokenizer, ids, max_tokens=max_tokens)]
         spec = [r.token for r in stream_generate(target, tokenizer, ids, draft_model=drafter,
                                                  num_draft_tokens=k, max_tokens=max_tokens)]
-        divergence.append(_first_difference(plain, spec))
+        divergence.append(first_difference(plain, spec))
         block = ([ids[-1]] + plain)[: k + 1]  # what a verify pass after the prompt would see
         prompt_gap, prompt_agrees = verify_decode_gap(target, ids[:-1], block, k)
         gap, agrees = max(gap, prompt_gap), agrees and prompt_agrees
@@ -72,7 +72,9 @@ def verify_decode_gap(target: Target, prefix: List[int], block: List[int], k: in
     return gap, bool(agrees)
 
 
-def _first_difference(a: List[int], b: List[int]):
+def first_difference(a: List[int], b: List[int]):
+    """The first index where `a` and `b` differ (the shorter one's length if one is a
+    prefix of the other), or None if they are equal."""
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
             return i
