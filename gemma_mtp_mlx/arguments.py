@@ -26,3 +26,22 @@ def add_pair_options(parser: argparse.ArgumentParser, no_draft: bool = True) -> 
                         help="gemma4_assistant drafter: directory or Hub repo id; unset: the pair's own")
     if no_draft:
         parser.add_argument("--no-draft", action="store_true", help="plain target decoding, for comparison")
+
+
+def add_format_options(parser: argparse.ArgumentParser) -> None:
+    """--json-schema, --regex and --grammar: structured output (one of them)."""
+    constraint = parser.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", default=None, metavar="FILE|JSON",
+                            help="constrain the reply to JSON valid under this schema (a file, or inline JSON)")
+    constraint.add_argument("--regex", default=None, help="constrain the reply to match this regular expression")
+    constraint.add_argument("--grammar", default=None, metavar="FILE", help="constrain the reply to a Lark grammar")
+
+
+def response_format(args):
+    """The `response_format` that --json-schema, --regex or --grammar asks for (None: none)."""
+    from .structured.grammar import parse_format_argument
+
+    for kind, value in (("json_schema", args.json_schema), ("regex", args.regex), ("grammar", args.grammar)):
+        if value is not None:
+            return parse_format_argument(value, kind)
+    return None

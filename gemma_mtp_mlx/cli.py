@@ -11,13 +11,12 @@ from typing import Callable, List, Optional
 from mlx_lm.sample_utils import make_logits_processors
 
 from . import chat, convert, distributed, server
-from .arguments import add_pair_options, draft_tokens
+from .arguments import add_format_options, add_pair_options, draft_tokens, response_format
 from .bench import benchmark, selfcheck
 from .train import trainer
 from .checkpoint import CheckpointError
 from .generate import chat_prompt, stream_generate
 from .sampling import DRAFT_MODES
-from .structured.grammar import parse_format_argument
 from .validate import check_penalties, check_text, decode_text
 
 HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter  # every command's --help shows the defaults
@@ -80,11 +79,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="also print a per-round view of the drafts")
     parser.add_argument("--stats-json", default=None, metavar="FILE",
                         help="write the statistics, with the per-round log, to FILE")
-    constraint = parser.add_mutually_exclusive_group()
-    constraint.add_argument("--json-schema", default=None, metavar="FILE|JSON",
-                            help="constrain the reply to JSON valid under this schema (a file, or inline JSON)")
-    constraint.add_argument("--regex", default=None, help="constrain the reply to match this regular expression")
-    constraint.add_argument("--grammar", default=None, metavar="FILE", help="constrain the reply to a Lark grammar")
+    add_format_options(parser)
 
 
 def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
@@ -152,14 +147,6 @@ def run_generate(args) -> None:
     if args.verbose:
         print(format_rounds(stats.rounds_log, tokenizer), file=sys.stderr)
     print(stats.summary(), file=sys.stderr)
-
-
-def response_format(args) -> Optional[dict]:
-    """The `response_format` that --json-schema, --regex or --grammar asks for (None: none)."""
-    for kind, value in (("json_schema", args.json_schema), ("regex", args.regex), ("grammar", args.grammar)):
-        if value is not None:
-            return parse_format_argument(value, kind)
-    return None
 
 
 def load_pair(args):

@@ -124,3 +124,22 @@ def test_batch_benchmark_reports_every_batch_size_and_configuration(mlx_pairs):
     assert batch_markdown_table(result).count("\n") == 1 + len(result["rows"])
     with pytest.raises(ValueError, match="batch-sizes"):
         run_batch_benchmark(target, tokenizer, drafter, prompts, batch_sizes=[0], ks=[2])
+
+
+def test_constrained_rows_report_acceptance_mask_time_and_their_own_ratio(mlx_pairs):
+    """`bench --json-schema/--regex/--grammar`: plain and each k under the format, beside
+    the unconstrained rows; ratios over constrained plain decoding."""
+    target, tokenizer, drafter = mlx_pairs["e2b"]
+    fmt = {"type": "regex", "regex": "([a-z]+ )+"}
+    result = bench.run_benchmark(target, tokenizer, drafter, ["hello world"], ks=(2,), temps=(0.0,), max_tokens=12,
+                                 repeats=1, timing_iters=2, response_format=fmt)
+    rows = {r["name"]: r for r in result["configs"]}
+    assert {"plain t=0 constrained", "k=2 t=0 constrained"} <= set(rows)
+    assert rows["plain t=0 constrained"]["ratio"] == 1.0 and rows["plain t=0"]["ratio"] == 1.0
+    constrained = rows["k=2 t=0 constrained"]
+    assert constrained["mask_ms_per_token"] > 0 and constrained["mean_accepted_length"] >= 1
+    assert rows["k=2 t=0"]["mask_ms_per_token"] is None
+    assert result["settings"]["response_format"] == fmt
+    assert "mask ms/token" in bench.markdown_table(result)
+    with pytest.raises(ValueError, match="response_format.regex"):
+        bench.run_benchmark(target, tokenizer, drafter, ["hi"], ks=(2,), response_format={"type": "regex", "regex": "("})

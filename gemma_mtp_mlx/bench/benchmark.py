@@ -26,7 +26,7 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -38,12 +38,13 @@ from mlx_lm.sample_utils import make_sampler
 from .. import distributed
 from . import planted, shapes, timeline
 from ..adaptive import AUTO, AUTO_MAX_DRAFT_TOKENS, round_cost
-from ..arguments import add_pair_options
+from ..arguments import add_format_options, add_pair_options, response_format
 from ..cache import rollback_cache
 from ..generate import chat_prompt, encode_prompt, stream_generate
 from ..loading import DEFAULT_MODEL, DEFAULT_PROMPTS_FILE, as_target
 from .selfcheck import exactness_check
 from ..stats import SpeculativeStats
+from ..structured.grammar import grammar_processor
 
 DEFAULT_KS = (1, 2, 3, 4, 6, 8, AUTO)
 DEFAULT_TEMPS = (0.0, 0.7)
@@ -63,11 +64,13 @@ class Config:
     temp: float
     k: int = 0
     acceptance: Optional[float] = None  # "planted": each draft is the target's own token with this probability
+    constrained: bool = False  # under the run's response_format
 
     @property
     def name(self) -> str:
         what = f"k={self.k}" if self.kind in ("speculative", "planted") else self.kind
-        return f"{what} t={self.temp:g}" + (f" A={self.acceptance:g}" if self.kind == "planted" else "")
+        return (f"{what} t={self.temp:g}" + (f" A={self.acceptance:g}" if self.kind == "planted" else "")
+                + (" constrained" if self.constrained else ""))
 
     @property
     def num_draft_tokens(self):
@@ -80,6 +83,7 @@ class Run:
     seconds: float  # wall time of the generation phase (prefill excluded)
     peak_memory_gb: float
     stats: Optional[SpeculativeStats]  # None for mlx-lm
+    mask_seconds: float = 0.0  # host time in the grammar's masks (constrained runs)
 
 
 def run_benchmark(
@@ -98,6 +102,7 @@ def run_benchmark(
     draft_model_name: Optional[str] = None,
     progress: Optional[Callable[[str], None]] = None,
     planted_acceptance: Sequence[float] = (),
+    response_format: Optional[dict] = None,
 ) -> dict:
     """Benchmark `model` (the target from `load`) with and without `draft_model`.
 
@@ -107,14 +112,16 @@ def run_benchmark(
     median tokens/s over `repeats`, ratio to plain decoding at the same temperature,
     acceptance statistics, peak memory and predicted speedup. `planted_acceptance`: rates A
     for planted rows (kind "planted", greedy only) at each fixed k; the exactness check
-    then covers them too (`exactness["planted"]`).
+    then covers them too (`exactness["planted"]`). `response_format`: plain and each k under
+    it too, with the mask time per token, their ratio over constrained plain decoding.
     """
     target = as_target(model)
     ks, temps, acceptances = tuple(ks), tuple(temps), tuple(planted_acceptance)
     _check_options(draft_model, prompts, ks, temps, max_tokens, repeats, acceptances)
     report = progress or (lambda line: None)
     prompts = [encode_prompt(tokenizer, p).tolist() for p in prompts]
-    configs = _configs(ks, temps, acceptances)
+    grammar_processor(tokenizer, response_format, target.vocab_size)  # a bad format fails before timing
+    configs = _configs(ks, temps, acceptances, response_format is not None)
     planted_by = {}  # A -> a PlantedDrafter per prompt
     if acceptances:
         report("decoding each prompt plainly for the planted drafts")
@@ -126,7 +133,8 @@ def run_benchmark(
         if config.kind == "mlx-lm":
             return _run_mlx_lm(target, tokenizer, prompts[i], config.temp, tokens, seed + i)
         drafter = planted_by[config.acceptance][i] if config.kind == "planted" else draft_model
-        return _run_ours(target, tokenizer, drafter, prompts[i], config, tokens, seed + i)
+        return _run_ours(target, tokenizer, drafter, prompts[i], config, tokens, seed + i,
+                         response_format if config.constrained else None)
 
     report(f"warming up {len(configs)} configurations")
     for config in configs:
@@ -153,7 +161,7 @@ def run_benchmark(
         draft_model=describe_model(draft_model, draft_model.args.text, "gemma4_assistant", draft_model_name),
         settings=dict(ks=list(ks), temps=list(temps), max_tokens=max_tokens, repeats=repeats, seed=seed,
                       prompts=len(prompts), prompt_tokens=[len(p) for p in prompts], timing_iters=timing_iters,
-                      planted_acceptance=list(acceptances)),
+                      planted_acceptance=list(acceptances), response_format=response_format),
         costs=costs,
         exactness=exactness,
         configs=results,
@@ -175,22 +183,25 @@ def _exactness(target, tokenizer, drafter, prompts, ks, max_tokens: int, planted
 def _with_ratios(results: List[dict]) -> List[dict]:
     """Each row's tokens/s over plain decoding's at its temperature, and over the predicted
     speedup and the mean accepted length where there is one."""
-    plain = {r["temp"]: r["tokens_per_s"] for r in results if r["kind"] == "plain"}
+    plain = {(r["temp"], r["constrained"]): r["tokens_per_s"] for r in results if r["kind"] == "plain"}
     for r in results:
-        r["ratio"] = r["tokens_per_s"] / plain[r["temp"]]
+        r["ratio"] = r["tokens_per_s"] / plain[r["temp"], r["constrained"]]
         if r["predicted_speedup"] is not None:
             r["measured_over_predicted"] = r["ratio"] / r["predicted_speedup"]
             r["efficiency"] = r["ratio"] / r["mean_accepted_length"]
     return results
 
 
-def _configs(ks, temps, acceptances) -> List[Config]:
-    """Per temperature: plain, mlx-lm, each k in `ks`, then each fixed k at each planted rate."""
+def _configs(ks, temps, acceptances, constrained: bool = False) -> List[Config]:
+    """Per temperature: plain, mlx-lm, each k in `ks`, then each fixed k at each planted
+    rate, then (`constrained`) plain and each k under the response_format."""
     return [
         config
         for temp in temps
         for config in [Config("plain", temp), Config("mlx-lm", temp)] + [_draft_config(temp, k) for k in ks]
         + [Config("planted", temp, k, a) for k in ks if k != AUTO for a in acceptances]
+        + ([Config("plain", temp, constrained=True)] + [replace(_draft_config(temp, k), constrained=True) for k in ks]
+           if constrained else [])
     ]
 
 
@@ -215,15 +226,18 @@ def _check_options(draft_model, prompts, ks, temps, max_tokens, repeats, accepta
                              f"--ks (not only {AUTO})")
 
 
-def _run_ours(target, tokenizer, drafter, prompt, config: Config, max_tokens: int, seed: int) -> Run:
+def _run_ours(target, tokenizer, drafter, prompt, config: Config, max_tokens: int, seed: int,
+              response_format: Optional[dict] = None) -> Run:
     last = None
     k = config.num_draft_tokens
+    grammar = grammar_processor(tokenizer, response_format, target.vocab_size)  # the format's own processor
     for last in stream_generate(target, tokenizer, prompt, draft_model=drafter if k else None,
-                                num_draft_tokens=k, max_tokens=max_tokens,
-                                temp=config.temp, seed=seed):
+                                num_draft_tokens=k, max_tokens=max_tokens, temp=config.temp, seed=seed,
+                                logits_processors=[grammar] if grammar else None):
         pass
     stats = last.stats
-    return Run(stats.generation_tokens, stats.generation_tokens / stats.generation_tps, stats.peak_memory, stats)
+    return Run(stats.generation_tokens, stats.generation_tokens / stats.generation_tps, stats.peak_memory, stats,
+               grammar.seconds if grammar else 0.0)
 
 
 def _run_mlx_lm(target, tokenizer, prompt, temp: float, max_tokens: int, seed: int) -> Run:
@@ -262,6 +276,9 @@ def _summarise(config: Config, repeats: List[List[Run]], costs: dict) -> dict:
         measured_over_predicted=None,
         efficiency=None,  # ratio / mean accepted length: the share of the free-round bound reached
         planted_acceptance=config.acceptance,
+        constrained=config.constrained,
+        mask_ms_per_token=(sum(r.mask_seconds for r in every_run) / sum(r.tokens for r in every_run) * 1e3
+                           if config.constrained else None),
     )
     if config.kind != "mlx-lm":
         stats = functools.reduce(SpeculativeStats.merge, [r.stats for r in every_run])  # rates over every round
@@ -447,15 +464,15 @@ def _number(value: Optional[float], digits: int = 2) -> str:
 def markdown_table(result: dict) -> str:
     lines = [
         "| config | tokens/s | ratio | mean accepted length | acceptance by position | predicted speedup "
-        "| measured/predicted | efficiency |",
-        "|---|---:|---:|---:|---|---:|---:|---:|",
+        "| measured/predicted | efficiency | mask ms/token |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in result["configs"]:
         by_position = " ".join(f"{a:.2f}" for a in r["acceptance_by_position"] or []) or "-"
         lines.append(
             f"| {r['name']} | {r['tokens_per_s']:.1f} | {_number(r['ratio'])} | {_number(r['mean_accepted_length'])} "
             f"| {by_position} | {_number(r['predicted_speedup'])} | {_number(r['measured_over_predicted'])} "
-            f"| {_number(r['efficiency'])} |"
+            f"| {_number(r['efficiency'])} | {_number(r.get('mask_ms_per_token'))} |"
         )
     return "\n".join(lines)
 
@@ -558,6 +575,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also measure, at each fixed k, rounds whose drafts (after the drafter ran) are "
                              "replaced by the target's own greedy tokens with probability A per position: "
                              "acceptance as a dial, output unchanged; greedy only (--temps 0)")
+    add_format_options(parser)  # constrained rows beside the unconstrained ones
     parser.add_argument("--auto", action="store_true",
                         help="also pick and print the k with the highest tokens/s at the first --temps value")
     parser.add_argument("--shapes", nargs="?", const="published", default=None, choices=sorted(shapes.SHAPE_SETS),
@@ -654,6 +672,7 @@ def run(args: argparse.Namespace) -> None:
         draft_model_name=args.draft_model or "(the pair's drafter)",
         progress=lambda line: print(line, file=sys.stderr, flush=True),
         planted_acceptance=args.planted_acceptance,
+        response_format=response_format(args),
     )
     if args.auto:
         result["best"] = best_k(result, args.temps[0])

@@ -23,6 +23,7 @@ are, so no row is ever all-masked.
 """
 
 import json
+import time
 import weakref
 from typing import Callable, List, Optional
 
@@ -140,13 +141,19 @@ class GrammarProcessor:
         self.eos = eos
         self.start: Optional[int] = None  # prompt length: the first call's history
         self.consumed: List[int] = []  # generated tokens the matcher holds
+        self.seconds = 0.0  # host time spent following histories and computing masks
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         if self.start is None:
             self.start = tokens.size
-        if not self._follow(tokens[self.start:].tolist()):
-            return logits  # after a draft the grammar rejects: never emitted
-        return mx.where(self._allowed(), logits, mx.array(-mx.inf, logits.dtype))
+        generated = tokens[self.start:].tolist()  # waits for the drafts: not counted as mask time
+        tic = time.perf_counter()
+        try:
+            if not self._follow(generated):
+                return logits  # after a draft the grammar rejects: never emitted
+            return mx.where(self._allowed(), logits, mx.array(-mx.inf, logits.dtype))
+        finally:
+            self.seconds += time.perf_counter() - tic
 
     def _follow(self, generated: List[int]) -> bool:
         """Bring the matcher to `generated`; whether the grammar allows all of it."""
