@@ -6,6 +6,7 @@ Errors are one line on stderr and a non-zero exit; `--debug` shows the traceback
 import argparse
 import json
 import sys
+import time
 from typing import Callable, List, Optional
 
 from mlx_lm.sample_utils import make_logits_processors
@@ -124,6 +125,7 @@ def run_generate(args) -> None:
         check_text(args.system, "--system")
     model, tokenizer, drafter = load_pair(args)
     prompt = text if args.no_chat_template else chat_prompt(tokenizer, text, args.system)
+    warm_up(model, tokenizer, drafter, args)
     pieces, tokens, last = [], [], None
     record = args.verbose or args.stats_json is not None
     for response in stream_generate(model, tokenizer, prompt, draft_model=drafter, record_rounds=record,
@@ -149,6 +151,25 @@ def run_generate(args) -> None:
     print(stats.summary(), file=sys.stderr)
 
 
+WARM_UP_NOTICE_SECONDS = 2.0
+
+
+def warm_up(model, tokenizer, drafter, args) -> None:
+    """Generate a few greedy tokens from a short prompt before the timed reply, so that its
+    speeds do not include MLX's first use of its kernels (on a fresh machine MLX's CPU
+    backend compiles them, tens of seconds once; then they are cached). Says so when it
+    was slow."""
+    k = args.num_draft_tokens if isinstance(args.num_draft_tokens, int) else None  # auto's controller learns nothing here
+    tic = time.perf_counter()
+    for _ in stream_generate(model, tokenizer, [tokenizer.bos_token_id or 0, 1 % model.vocab_size], draft_model=drafter,
+                             num_draft_tokens=k, max_tokens=3, seed=0):
+        pass
+    seconds = time.perf_counter() - tic
+    if seconds > WARM_UP_NOTICE_SECONDS and distributed.is_rank_zero():
+        print(f"first use on this machine: MLX prepared its kernels in {seconds:.1f} s (once; the speeds below "
+              "leave it out)", file=sys.stderr)
+
+
 def load_pair(args):
     """The model and drafter `args` name; split over the ranks when started by `mlx.launch`
     (then only rank 0 prints, and every rank samples with the same seed)."""
@@ -162,6 +183,7 @@ def run_chat(args) -> None:
     if distributed.world().size() > 1:
         raise ValueError("chat reads the terminal on one process: under mlx.launch use generate")
     model, tokenizer, drafter = load_pair(args)
+    warm_up(model, tokenizer, drafter, args)
     chat.chat(model, tokenizer, drafter, generation_options(args), name=args.model or "the default model",
               system=args.system, max_context=args.max_context)
 

@@ -222,3 +222,16 @@ def test_verbose_view_and_stats_json_show_the_rounds(pairs, tmp_path):
     assert "prefill" in round_lines[0] and "->" in round_lines[0]
     assert all(f"/{len(r['drafted'])}" in line for r, line in zip(log[1:], round_lines[1:]))
     assert "rejection rate" in run.stderr and "fallback rate" in run.stderr
+
+
+def test_a_slow_first_use_is_reported_and_left_out_of_the_speeds(pairs, monkeypatch, capsys):
+    """`generate` warms MLX's kernels up on a short prompt first (on a fresh machine their
+    compilation took 20 s and the stats read "0.3 tokens/s"); when that was slow it says
+    so. Here every warm-up counts as slow."""
+    from gemma_mtp_mlx import cli as cli_module
+
+    monkeypatch.setattr(cli_module, "WARM_UP_NOTICE_SECONDS", -1.0)
+    assert cli_module.main(["generate", *map(str, pair_args(pairs)), "--prompt", "hi", "--max-tokens", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "first use on this machine: MLX prepared its kernels" in err
+    assert err.index("first use") < err.index("prompt:")
