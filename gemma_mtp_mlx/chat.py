@@ -58,9 +58,9 @@ class Conversation:
     """
 
     def __init__(self, model, tokenizer, drafter, options: dict, system: Optional[str] = None,
-                 max_context: Optional[int] = None, ctrl_c: Optional[CtrlC] = None):
+                 max_context: Optional[int] = None, ctrl_c: Optional[CtrlC] = None, thinking: bool = False):
         self.model, self.tokenizer, self.drafter, self.options = model, tokenizer, drafter, options
-        self.system, self.ctrl_c = system, ctrl_c
+        self.system, self.ctrl_c, self.thinking = system, ctrl_c, thinking
         self.limit = max_context or model.args.max_position_embeddings
         self.num_draft_tokens = draft_length(model, drafter, options.get("num_draft_tokens"))
         self.reset()
@@ -86,7 +86,8 @@ class Conversation:
         return rest[len(reply):] if rest.startswith(reply) else None
 
     def prompt_for(self, messages: List[dict]):
-        rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                      enable_thinking=self.thinking)
         new_text = self.new_text(rendered)
         if new_text is not None:
             return rendered, self.carry + self.tokenizer.encode(new_text, add_special_tokens=False)
@@ -126,14 +127,14 @@ class Conversation:
 
 
 def chat(model, tokenizer, drafter, options: dict, *, name: str, system: Optional[str] = None,
-         max_context: Optional[int] = None) -> None:
+         max_context: Optional[int] = None, thinking: bool = False) -> None:
     """Chat on the terminal until /exit or Ctrl-D. `name` names the model in messages."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"{name} has no chat template, so it cannot chat: use `gemma-mtp generate --prompt ...` "
                          "(the default model completes Python code), or --model an instruction-tuned Gemma 4")
     print(f"chat with {name} ({'speculative' if drafter else 'plain'} decoding). {CHAT_HELP}")
     with CtrlC() as ctrl_c:
-        chat_loop(Conversation(model, tokenizer, drafter, options, system, max_context, ctrl_c), ctrl_c)
+        chat_loop(Conversation(model, tokenizer, drafter, options, system, max_context, ctrl_c, thinking), ctrl_c)
 
 
 def chat_loop(conversation: Conversation, ctrl_c: CtrlC) -> None:

@@ -18,6 +18,7 @@ from .train import trainer
 from .checkpoint import CheckpointError
 from .generate import chat_prompt, stream_generate
 from .sampling import DRAFT_MODES
+from .structured.tools import split_thought
 from .validate import check_penalties, check_text, decode_text
 
 HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter  # every command's --help shows the defaults
@@ -39,6 +40,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="how the drafter proposes tokens when sampling (temp > 0)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     parser.add_argument("--system", default=None, help="a system message for the chat template")
+    parser.add_argument("--thinking", action="store_true",
+                        help="ask the chat template for the model's thought channel (Gemma 4: <|think|>)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,7 +127,7 @@ def run_generate(args) -> None:
     if args.system is not None:
         check_text(args.system, "--system")
     model, tokenizer, drafter = load_pair(args)
-    prompt = text if args.no_chat_template else chat_prompt(tokenizer, text, args.system)
+    prompt = text if args.no_chat_template else chat_prompt(tokenizer, text, args.system, args.thinking)
     warm_up(model, tokenizer, drafter, args)
     pieces, tokens, last = [], [], None
     record = args.verbose or args.stats_json is not None
@@ -142,7 +145,8 @@ def run_generate(args) -> None:
     if args.output == "json":
         summary = stats.to_dict()
         summary.pop("rounds_log", None)
-        print(json.dumps(dict(text="".join(pieces), tokens=tokens, finish_reason=last.finish_reason,
+        reasoning, text = split_thought("".join(pieces))
+        print(json.dumps(dict(text=text, reasoning=reasoning, tokens=tokens, finish_reason=last.finish_reason,
                               stats=summary)))
     else:
         print()
@@ -185,7 +189,7 @@ def run_chat(args) -> None:
     model, tokenizer, drafter = load_pair(args)
     warm_up(model, tokenizer, drafter, args)
     chat.chat(model, tokenizer, drafter, generation_options(args), name=args.model or "the default model",
-              system=args.system, max_context=args.max_context)
+              system=args.system, max_context=args.max_context, thinking=args.thinking)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -47,14 +47,16 @@ def make_prompt_cache(model, num_draft_tokens: Union[int, str] = MAX_NUM_DRAFT_T
     return as_target(model).make_cache(AUTO_MAX_DRAFT_TOKENS if num_draft_tokens == AUTO else num_draft_tokens)
 
 
-def chat_prompt(tokenizer, text: str, system: Optional[str] = None) -> Union[str, List[int]]:
+def chat_prompt(tokenizer, text: str, system: Optional[str] = None, thinking: bool = False) -> Union[str, List[int]]:
     """`text` as a user turn (after an optional system turn) of the tokenizer's chat
-    template, as token ids; the text itself when the tokenizer has no template."""
+    template, as token ids; the text itself when the tokenizer has no template. `thinking`:
+    ask the template for the thought channel (off unless asked, whatever mlx-lm's default)."""
     if getattr(tokenizer, "chat_template", None) is None:
         return text
     system_turn = [{"role": "system", "content": system}] if system else []
     return tokenizer.apply_chat_template(
-        system_turn + [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        system_turn + [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
+        enable_thinking=thinking,
     )
 
 

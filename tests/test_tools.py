@@ -227,3 +227,26 @@ def test_a_format_with_thinking_starts_after_an_optional_thought(fmt, body, chat
     matcher = grammar_processor(tokenizer, wrapped, 256).matcher
     bad = tokenizer.encode("<|channel>thought\nok<channel|>zzz", add_special_tokens=False)
     assert matcher.validate_tokens(bad) < len(bad)
+
+
+def test_generate_with_thinking_keeps_the_thought_apart(chat_dir, pairs, chat_pair, tmp_path):
+    """`gemma-mtp generate --thinking`: the template is asked for the thought channel, and
+    the JSON output holds the thought as `reasoning`, apart from the text (a grammar makes
+    the random-weight model think first)."""
+    import subprocess
+    import sys
+
+    _, tokenizer, _ = chat_pair
+    vocab = tokenizer._tokenizer.get_vocab()
+    grammar = tmp_path / "think.lark"
+    grammar.write_text(f'start: <[{vocab["<|channel>"]}]> "thought\\n" /[a-z]{{3}}/ <[{vocab["<channel|>"]}]> /[a-z]{{4}}/')
+    run = subprocess.run([sys.executable, "-m", "gemma_mtp_mlx", "generate", "--model", str(chat_dir), "--draft-model",
+                          str(pairs["e2b"][1]), "--prompt", "hi", "--thinking", "--grammar", str(grammar),
+                          "--max-tokens", "20", "--output", "json"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert len(out["reasoning"]) == 3 and len(out["text"]) == 4 and "<" not in out["text"]
+    prompt = tokenizer.decode(chat_ids(tokenizer, [{"role": "user", "content": "hi"}], tools=None))
+    thinking = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                             tokenize=False, enable_thinking=True)
+    assert "<|think|>" in thinking and "<|think|>" not in prompt
