@@ -12,6 +12,8 @@ import mlx.core as mx
 from mlx_lm.models import cache as mlx_lm_cache
 from mlx_lm.models.cache import KVCache
 
+from .quantized_cache import QuantizedFullKVCache, check_kv_options
+
 
 class SharedKV(NamedTuple):
     """What one drafter layer attends to: a K/V buffer and the slots of it that it may
@@ -205,20 +207,30 @@ def num_kv_layers(args) -> int:
     return args.num_hidden_layers - args.num_kv_shared_layers
 
 
-def make_target_cache(args, max_draft: int) -> List:
+def make_target_cache(args, max_draft: int, kv_bits: Optional[int] = None, kv_group_size: int = 64,
+                      quantized_kv_start: int = 0) -> List:
     """One cache per K/V-computing layer of a mlx-lm `gemma4_text` model.
 
     `args` is the text model's `ModelArgs`; `max_draft` bounds how many tokens a caller
     may roll back after one write (a verify pass of `max_draft + 1` tokens, plus the
-    tokens emitted past a stop).
+    tokens emitted past a stop). With `kv_bits` the full-attention layers (whose caches
+    grow with the context) hold their K/V quantized after the first `quantized_kv_start`
+    positions (quantized_cache.py); the sliding layers' window stays in float.
     """
+    check_kv_options(kv_bits, kv_group_size, quantized_kv_start, full_attention_head_dims(args))
     rollback = rollback_needed(max_draft)
     return [
         SlidingKVCache(args.sliding_window, rollback)
         if args.layer_types[i] == "sliding_attention"
-        else KVCache()
+        else KVCache() if kv_bits is None else QuantizedFullKVCache(kv_bits, kv_group_size, quantized_kv_start)
         for i in range(num_kv_layers(args))
     ]
+
+
+def full_attention_head_dims(args) -> set:
+    """The head dimension of the full-attention layers (the global one where set)."""
+    dim = getattr(args, "global_head_dim", None) or args.head_dim
+    return {dim} if "full_attention" in args.layer_types else set()
 
 
 def rollback_cache(cache: List, offset: int) -> None:

@@ -7,6 +7,8 @@ from typing import List, Optional
 
 from .generate import draft_length, make_prompt_cache, stream_generate
 
+KV_OPTIONS = ("kv_bits", "kv_group_size", "quantized_kv_start")
+
 CHAT_HELP = "/reset clears the conversation, /stats shows the last reply's statistics, /exit quits (or Ctrl-D)"
 
 
@@ -71,7 +73,8 @@ class Conversation:
         self.forget_cache()
 
     def forget_cache(self):
-        self.cache = make_prompt_cache(self.model, self.num_draft_tokens)
+        kv = {name: self.options[name] for name in KV_OPTIONS if name in self.options}
+        self.cache = make_prompt_cache(self.model, self.num_draft_tokens, **kv)
         self.cached_prompt = None  # the rendered text of the last turn's prompt ...
         self.cached_reply = ""  # ... and its reply: the cache holds both (less `carry`)
         self.carry: List[int] = []  # the reply's newest token: handed out, not yet cached

@@ -40,6 +40,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="how the drafter proposes tokens when sampling (temp > 0)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     parser.add_argument("--system", default=None, help="a system message for the chat template")
+    parser.add_argument("--kv-bits", type=int, default=None, choices=(4, 8),
+                        help="hold the full-attention layers' K/V cache quantized to 4 or 8 bits; unset: float")
+    parser.add_argument("--kv-group-size", type=int, default=64, help="quantization group size of --kv-bits")
+    parser.add_argument("--quantized-kv-start", type=int, default=0,
+                        help="with --kv-bits: keep the first N positions' K/V in float")
     parser.add_argument("--thinking", action="store_true",
                         help="ask the chat template for the model's thought channel (Gemma 4: <|think|>)")
 
@@ -105,6 +110,9 @@ def generation_options(args) -> dict:
         draft_mode=args.draft_mode,
         seed=args.seed,
         logits_processors=make_logits_processors(repetition_penalty=args.repetition_penalty),
+        kv_bits=args.kv_bits,
+        kv_group_size=args.kv_group_size,
+        quantized_kv_start=args.quantized_kv_start,
     )
 
 

@@ -11,6 +11,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .adaptive import AUTO, AUTO_MAX_DRAFT_TOKENS, DraftLengthController
 from .cache import SlidingKVCache, rollback_cache
 from .cache_lease import Lease
+from .quantized_cache import QuantizedFullKVCache
 from .drafter import Drafter, check_pair
 from .loading import as_target
 from .sampling import Sampling
@@ -41,10 +42,14 @@ class GenerationResponse:
     stats: Optional[SpeculativeStats] = None  # on the last response
 
 
-def make_prompt_cache(model, num_draft_tokens: Union[int, str] = MAX_NUM_DRAFT_TOKENS) -> List:
+def make_prompt_cache(model, num_draft_tokens: Union[int, str] = MAX_NUM_DRAFT_TOKENS, kv_bits: Optional[int] = None,
+                      kv_group_size: int = 64, quantized_kv_start: int = 0) -> List:
     """A cache to carry across calls (chat turns); rolls back up to `num_draft_tokens`
-    ("auto": the most that `num_draft_tokens="auto"` drafts)."""
-    return as_target(model).make_cache(AUTO_MAX_DRAFT_TOKENS if num_draft_tokens == AUTO else num_draft_tokens)
+    ("auto": the most that `num_draft_tokens="auto"` drafts). `kv_bits` (4 or 8): the
+    full-attention layers' K/V quantized after the first `quantized_kv_start` positions."""
+    return as_target(model).make_cache(AUTO_MAX_DRAFT_TOKENS if num_draft_tokens == AUTO else num_draft_tokens,
+                                       kv_bits=kv_bits, kv_group_size=kv_group_size,
+                                       quantized_kv_start=quantized_kv_start)
 
 
 def chat_prompt(tokenizer, text: str, system: Optional[str] = None, thinking: bool = False) -> Union[str, List[int]]:
@@ -116,12 +121,12 @@ def _controller(target, drafter, sampling: Sampling, cache: List) -> DraftLength
 
 
 def _check_rollback_room(target, cache: List, k: int) -> None:
-    if not isinstance(cache, list) or not all(isinstance(c, (KVCache, SlidingKVCache)) for c in cache):
+    if not isinstance(cache, list) or not all(isinstance(c, (KVCache, SlidingKVCache, QuantizedFullKVCache)) for c in cache):
         raise InvalidInput(
             "prompt_cache must come from gemma_mtp_mlx.make_prompt_cache "
             "(mlx-lm's rotating cache cannot roll back rejected drafts)"
         )
-    if [type(c) for c in cache] != [type(c) for c in target.make_cache(0)]:
+    if [_kind(c) for c in cache] != [_kind(c) for c in target.make_cache(0)]:
         raise InvalidInput("prompt_cache was made for another model: make it with make_prompt_cache(model)")
     room = _room(cache)
     if room is not None and room < k:
@@ -129,6 +134,11 @@ def _check_rollback_room(target, cache: List, k: int) -> None:
             f"prompt_cache was made for fewer draft tokens than {k}: "
             f"make it with make_prompt_cache(model, num_draft_tokens={k})"
         )
+
+
+def _kind(c) -> type:
+    """A cache's kind for matching it to a model: quantized full attention counts as full."""
+    return KVCache if isinstance(c, QuantizedFullKVCache) else type(c)
 
 
 def stream_generate(
@@ -152,6 +162,9 @@ def stream_generate(
     draft_mode: str = "sampled",
     seed: Optional[int] = None,
     response_format: Optional[dict] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from `prompt`, one response per token.
 
@@ -170,7 +183,9 @@ def stream_generate(
     whatever runs beside it. `response_format` constrains the output to a JSON schema, a
     regex or a Lark grammar (structured/grammar.py; exact under speculation). Generation
     stops with finish_reason "length" at the model's context length (or max_tokens, also
-    inside an unfinished structure). Bad arguments raise `validate.InvalidInput` (a ValueError).
+    inside an unfinished structure). `kv_bits` (4 or 8) quantizes the full-attention K/V
+    after `quantized_kv_start` positions when no prompt_cache is given (quantized_cache.py).
+    Bad arguments raise `validate.InvalidInput` (a ValueError).
     """
     target = as_target(model)
     tokenizer = tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
@@ -182,7 +197,8 @@ def stream_generate(
     prompt = encode_prompt(tokenizer, prompt, target.vocab_size)
     if seed is not None and sampler is not None:
         mx.random.seed(seed)  # a custom sampler draws from MLX's global random state
-    cache = prompt_cache if prompt_cache is not None else target.make_cache(_widest(k))
+    kv = dict(kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
+    cache = prompt_cache if prompt_cache is not None else target.make_cache(_widest(k), **kv)
     if k == AUTO:
         k = _controller(target, draft_model, sampling, cache)
     max_k = _widest(k)

@@ -20,6 +20,7 @@ from mlx_lm.utils import load_model, load_tokenizer
 from .batch.cache import RaggedKVCache
 from .cache import (SharedKV, SlidingKVCache, commit_write, make_target_cache, num_kv_layers, reserve_write,
                     visible_slots)
+from .quantized_cache import QuantizedFullKVCache
 from .checkpoint import CheckpointError, check_model_type, mlx_lm_text_config, read_config, weights_load_error
 from .validate import MAX_NUM_DRAFT_TOKENS
 
@@ -46,8 +47,9 @@ class Target:
     def vocab_size(self) -> int:
         return self.args.vocab_size
 
-    def make_cache(self, max_draft: int) -> List:
-        return make_target_cache(self.args, max_draft)
+    def make_cache(self, max_draft: int, **kv) -> List:
+        """`kv`: kv_bits, kv_group_size, quantized_kv_start (make_target_cache)."""
+        return make_target_cache(self.args, max_draft, **kv)
 
     def embed(self, tokens: mx.array) -> mx.array:
         """The scaled token embedding the target feeds its first layer: [..., hidden]."""
@@ -85,6 +87,9 @@ class Target:
         for layer_type, i in self.producers.items():
             c = cache[i]
             end = (c.used if isinstance(c, SlidingKVCache) else c.offset) - (0 if unsettled is None else unsettled)
+            if isinstance(c, QuantizedFullKVCache):  # dequantized, as the target's attention reads it
+                kv[layer_type] = SharedKV(*c.fetch(), 0, end)
+                continue
             if not isinstance(c, SlidingKVCache):
                 start = 0
             elif unsettled is None:
