@@ -2,7 +2,7 @@
 
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Generator, List, Optional, Union
+from typing import Callable, Generator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
@@ -13,6 +13,7 @@ from .cache import SlidingKVCache, rollback_cache
 from .cache_lease import Lease
 from .drafter import Drafter, check_pair
 from .loading import as_target
+from .media.merge import MediaPrompt
 from .sampling import Sampling
 from .speculative import Round, generate_rounds
 from .stats import SpeculativeStats
@@ -71,6 +72,24 @@ def encode_prompt(tokenizer: TokenizerWrapper, prompt: Union[str, List[int], mx.
     if vocab_size is not None:
         check_token_ids(prompt, vocab_size)
     return mx.array(prompt)
+
+
+def with_images(target, prompt: mx.array, images: Optional[Sequence]) -> Tuple[mx.array, Optional[MediaPrompt]]:
+    """The prompt with its image placeholders expanded, and its images' soft tokens (None
+    without images). Image placeholders without images are an error, as are images for a
+    text-only target."""
+    if target.vision is None:
+        if not images:
+            return prompt, None
+        raise InvalidInput(f"this model reads {' and '.join(target.modalities)} only (its checkpoint has no vision "
+                           "tower): load a multimodal Gemma 4 checkpoint to give it images")
+    if not images and not (prompt == target.vision.image_token_id).any().item():
+        return prompt, None
+    try:
+        ids, media = target.vision.prepare(prompt.tolist(), images or [])
+    except ValueError as e:
+        raise InvalidInput(str(e)) from e
+    return mx.array(ids, dtype=prompt.dtype), media
 
 
 def draft_length(model, draft_model, num_draft_tokens) -> Union[int, str, DraftLengthController]:
@@ -150,6 +169,7 @@ def stream_generate(
     draft_mode: str = "sampled",
     seed: Optional[int] = None,
     response_format: Optional[dict] = None,
+    images: Optional[Sequence] = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from `prompt`, one response per token.
 
@@ -168,7 +188,10 @@ def stream_generate(
     whatever runs beside it. `response_format` constrains the output to a JSON schema, a
     regex or a Lark grammar (structured/grammar.py; exact under speculation). Generation
     stops with finish_reason "length" at the model's context length (or max_tokens, also
-    inside an unfinished structure). Bad arguments raise `validate.InvalidInput` (a ValueError).
+    inside an unfinished structure). `images` (file paths, bytes, PIL images or numpy
+    arrays) fill the prompt's image placeholders in order, one each (the processor's image
+    token, `<|image|>` for Gemma 4; media/images.py), on a target that reads images
+    (`model.modalities`). Bad arguments raise `validate.InvalidInput` (a ValueError).
     """
     target = as_target(model)
     tokenizer = tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
@@ -178,6 +201,7 @@ def stream_generate(
     processors = with_grammar(logits_processors, tokenizer, response_format, target.vocab_size)
     sampling = Sampling(temp, top_p, top_k, min_p, min_tokens_to_keep, sampler, processors, draft_mode, seed)
     prompt = encode_prompt(tokenizer, prompt, target.vocab_size)
+    prompt, media = with_images(target, prompt, images)
     if seed is not None and sampler is not None:
         mx.random.seed(seed)  # a custom sampler draws from MLX's global random state
     cache = prompt_cache if prompt_cache is not None else target.make_cache(_widest(k))
@@ -191,8 +215,10 @@ def stream_generate(
     try:
         max_tokens = generation_budget(prompt.size, start, max_tokens, target.args.max_position_embeddings)
         stats = SpeculativeStats.empty(max_k, prompt.size, record_rounds, auto=isinstance(k, DraftLengthController))
+        if media is not None:
+            stats.media_tokens, stats.encoder_seconds = media.num_tokens, media.encoder_seconds
         rounds = lease.rounds = generate_rounds(prompt, target, cache, sampling, draft_model, k, prefill_step_size,
-                                                max_tokens)
+                                                max_tokens, media)
         yield from _responses(rounds, tokenizer, prompt.size, stats, max_tokens, lease, start)
     finally:
         if lease.owned:  # else a later generation took the cache and settled it

@@ -4,7 +4,8 @@ mlx-lm's `gemma4_text` (or multimodal `gemma4`) model does the work, for every s
 12B's `gemma4_unified` / `gemma4_unified_text` configs are mapped onto those). This wrapper
 adds one verify forward that returns logits *and* final-norm hidden states for every input
 position, and zero-copy views of the K/V that the drafter reads: those of the last
-K/V-computing layer of each attention type.
+K/V-computing layer of each attention type. A multimodal checkpoint's vision tower comes
+along (`Target.vision`, media/); prefill chunks holding images run through media/merge.py.
 """
 
 from pathlib import Path
@@ -19,7 +20,10 @@ from mlx_lm.utils import load_model, load_tokenizer
 from .batch.cache import RaggedKVCache
 from .cache import (SharedKV, SlidingKVCache, commit_write, make_target_cache, num_kv_layers, reserve_write,
                     visible_slots)
-from .checkpoint import CheckpointError, check_model_type, mlx_lm_text_config, read_config, weights_load_error
+from .checkpoint import (CheckpointError, check_model_type, load_safetensors, mlx_lm_text_config, read_config,
+                         weights_load_error)
+from .media.images import Vision, load_vision
+from .media.merge import MediaChunk, forward_with_media
 from .validate import MAX_NUM_DRAFT_TOKENS
 
 # Forwards of up to this many tokens (a decode step, a verify of k + 1) run compiled;
@@ -28,8 +32,9 @@ MAX_COMPILED_TOKENS = MAX_NUM_DRAFT_TOKENS + 1
 
 
 class Target:
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, vision: Optional[Vision] = None):
         self.model = model
+        self.vision = vision  # the image encoder and processor; None: text only
         self.lm = getattr(model, "language_model", model)  # gemma4_text.Model
         self.args = self.lm.args
         self.backbone = self.lm.model  # gemma4_text.Gemma4TextModel
@@ -45,6 +50,11 @@ class Target:
     def vocab_size(self) -> int:
         return self.args.vocab_size
 
+    @property
+    def modalities(self) -> Tuple[str, ...]:
+        """What the model reads: ("text",) or ("text", "image")."""
+        return ("text",) + (("image",) if self.vision is not None else ())
+
     def make_cache(self, max_draft: int) -> List:
         return make_target_cache(self.args, max_draft)
 
@@ -52,12 +62,16 @@ class Target:
         """The scaled token embedding the target feeds its first layer: [..., hidden]."""
         return self.backbone.embed_tokens(tokens) * self.backbone.embed_scale
 
-    def __call__(self, tokens: mx.array, cache: List, unsettled: Optional[mx.array] = None) -> Tuple[mx.array, mx.array]:
+    def __call__(self, tokens: mx.array, cache: List, unsettled: Optional[mx.array] = None,
+                 media: Optional[MediaChunk] = None) -> Tuple[mx.array, mx.array]:
         """tokens [1, L] -> (logits [1, L, vocab], final-norm hidden [1, L, hidden]).
 
         `unsettled` (int32 []): how many of the cache's newest positions are dropped before
         these tokens, a count still on the device (the previous round's rejected drafts);
-        the caches' own offsets still count them. Needs the compiled forward."""
+        the caches' own offsets still count them. Needs the compiled forward.
+        `media`: the images inside these tokens (a prefill chunk; media/merge.py)."""
+        if media is not None:
+            return forward_with_media(self, tokens, cache, media, self.vision.pad_token_id)
         if unsettled is not None or self.compiled.handles(tokens, cache):
             return self.compiled(tokens, cache, unsettled)
         hidden = self.backbone(tokens, cache=cache)
@@ -196,7 +210,8 @@ def load_target(path: Path, lazy: bool = False):
         model, config = load_model(path, lazy=lazy, model_config=mlx_lm_config(config))
     except Exception as e:  # unreadable, truncated or mismatched weight files
         raise weights_load_error(path, "model*.safetensors", e) from e
-    return Target(model), _load_tokenizer(path, config)
+    vision = load_vision(path, config, load_safetensors(path)) if config.get("vision_config") else None
+    return Target(model, vision), _load_tokenizer(path, config)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
