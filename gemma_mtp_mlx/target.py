@@ -32,9 +32,13 @@ MAX_COMPILED_TOKENS = MAX_NUM_DRAFT_TOKENS + 1
 
 
 class Target:
-    def __init__(self, model: nn.Module, vision: Optional[Vision] = None):
+    def __init__(self, model: nn.Module, vision: Optional[Vision] = None, placeholder_ids: Tuple[int, ...] = (),
+                 pad_token_id: int = 0):
         self.model = model
         self.vision = vision  # the image encoder and processor; None: text only
+        # Media placeholder ids embed as the pad id wherever they stand (a generated one too),
+        # as transformers' multimodal Gemma4Model embeds them.
+        self.placeholder_ids, self.pad_token_id = placeholder_ids, pad_token_id
         self.lm = getattr(model, "language_model", model)  # gemma4_text.Model
         self.args = self.lm.args
         self.backbone = self.lm.model  # gemma4_text.Gemma4TextModel
@@ -71,11 +75,17 @@ class Target:
         the caches' own offsets still count them. Needs the compiled forward.
         `media`: the images inside these tokens (a prefill chunk; media/merge.py)."""
         if media is not None:
-            return forward_with_media(self, tokens, cache, media, self.vision.pad_token_id)
+            return forward_with_media(self, self.text_ids(tokens), cache, media, self.pad_token_id)
         if unsettled is not None or self.compiled.handles(tokens, cache):
             return self.compiled(tokens, cache, unsettled)
-        hidden = self.backbone(tokens, cache=cache)
+        hidden = self.backbone(self.text_ids(tokens), cache=cache)
         return self.logits(hidden), hidden
+
+    def text_ids(self, tokens: mx.array) -> mx.array:
+        """`tokens` with every media placeholder id replaced by the pad id."""
+        for placeholder in self.placeholder_ids:
+            tokens = mx.where(tokens == placeholder, self.pad_token_id, tokens)
+        return tokens
 
     def logits(self, hidden: mx.array) -> mx.array:
         """Logits [..., vocab] of final-norm hidden states [..., hidden]."""
@@ -178,7 +188,7 @@ class CompiledForward:
                 window = self.target.args.sliding_window if kind == "sliding_attention" else None
                 masks[kind] = visible_slots(positions, starts, num_new, keys.shape[2], window)
             caches.append(_SlotCache(keys, values, positions, slots[:, None] + mx.arange(num_new)[None], masks[kind]))
-        hidden = self.target.backbone(tokens, cache=caches)
+        hidden = self.target.backbone(self.target.text_ids(tokens), cache=caches)
         return self.target.logits(hidden), hidden, [(c.keys, c.values) for c in caches]
 
 
@@ -211,7 +221,22 @@ def load_target(path: Path, lazy: bool = False):
     except Exception as e:  # unreadable, truncated or mismatched weight files
         raise weights_load_error(path, "model*.safetensors", e) from e
     vision = load_vision(path, config, load_safetensors(path)) if config.get("vision_config") else None
-    return Target(model, vision), _load_tokenizer(path, config)
+    return Target(model, vision, *placeholders(config, model.args.vocab_size)), _load_tokenizer(path, config)
+
+
+# The placeholder ids of transformers' Gemma4Config (its defaults, where a config omits them).
+PLACEHOLDER_IDS = {"image_token_id": 258_880, "audio_token_id": 258_881, "video_token_id": 258_884}
+
+
+def placeholders(config: Dict, vocab_size: int) -> Tuple[Tuple[int, ...], int]:
+    """(the media placeholder ids inside the vocabulary, the pad id) of a multimodal
+    `gemma4` checkpoint, whose transformers model embeds those ids as the pad id; none for
+    other layouts."""
+    if config.get("model_type") != "gemma4":
+        return (), 0
+    ids = (config.get(name, default) for name, default in PLACEHOLDER_IDS.items())
+    pad = (config.get("text_config") or {}).get("pad_token_id") or 0
+    return tuple(i for i in ids if i is not None and 0 <= i < vocab_size), pad
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")

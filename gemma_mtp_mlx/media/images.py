@@ -20,7 +20,6 @@ class Vision:
     image_token_id: int
     boi_token_id: int
     eoi_token_id: int
-    pad_token_id: int  # what the soft-token ids become before embedding
     bidirectional: bool  # use_bidirectional_attention == "vision"
 
     def prepare(self, prompt: List[int], images: Sequence) -> Tuple[List[int], MediaPrompt]:
@@ -81,6 +80,5 @@ def load_vision(path: Path, config: Dict, weights: Dict[str, mx.array]) -> Optio
         image_token_id=config.get("image_token_id", 258_880),
         boi_token_id=config.get("boi_token_id", 255_999),
         eoi_token_id=config.get("eoi_token_id", 258_882),
-        pad_token_id=text_config.get("pad_token_id", 0) or 0,
         bidirectional=text_config.get("use_bidirectional_attention") == "vision",
     )
