@@ -217,11 +217,20 @@ def load_target(path: Path, lazy: bool = False):
     config = read_config(path)
     check_model_type(path, config, "target")
     try:
-        model, config = load_model(path, lazy=lazy, model_config=mlx_lm_config(config))
+        model, mlx_config = load_model(path, lazy=lazy, model_config=mlx_lm_config(config))
     except Exception as e:  # unreadable, truncated or mismatched weight files
         raise weights_load_error(path, "model*.safetensors", e) from e
-    vision = load_vision(path, config, load_safetensors(path)) if config.get("vision_config") else None
-    return Target(model, vision, *placeholders(config, model.args.vocab_size)), _load_tokenizer(path, config)
+    # The 12B's encoder-free embedders (gemma4_unified) are not read yet: it loads as text only.
+    vision = None
+    if config["model_type"] == "gemma4" and config.get("vision_config"):
+        try:
+            vision = load_vision(path, config, load_safetensors(path))
+        except ValueError as e:  # weights missing or of other shapes than vision_config says
+            raise CheckpointError(f"{path}: the vision tower's weights do not fit its vision_config ({e})") from e
+        if not lazy:
+            mx.eval(vision.encoder.parameters())
+    target = Target(model, vision, *placeholders(config, model.args.vocab_size))
+    return target, _load_tokenizer(path, mlx_config)
 
 
 # The placeholder ids of transformers' Gemma4Config (its defaults, where a config omits them).

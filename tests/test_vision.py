@@ -219,3 +219,26 @@ def test_images_read_from_paths_bytes_and_pil_alike(vision_pairs, tmp_path):
     processed = target.vision.processor([array, png.getvalue(), tmp_path / "image.png", Image.fromarray(array)])
     for other in processed[1:]:
         assert np.array_equal(other.pixel_values, processed[0].pixel_values)
+
+
+def test_cli_generate_with_images_matches_the_python_api(fixture_dir, vision_pairs, tmp_path):
+    import json
+    from PIL import Image
+
+    from gemma_mtp_mlx.generate import chat_prompt
+    from test_cli import cli
+
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for path, size in zip(paths, IMAGE_SIZES):
+        Image.fromarray(random_image(*size)).save(path)
+    target_dir, assistant_dir = VISION_PAIRS["vision"]
+    run = cli("generate", "--model", fixture_dir / target_dir, "--draft-model", fixture_dir / assistant_dir,
+              "--prompt", "what is this", "--image", paths[0], "--image", paths[1], "--max-tokens", 12,
+              "--output", "json")
+    assert run.returncode == 0, run.stderr
+    target, tokenizer, drafter = vision_pairs["vision"]
+    prompt = chat_prompt(tokenizer, "<|image|><|image|>\nwhat is this")
+    api = list(stream_generate(target, tokenizer, prompt, images=paths, draft_model=drafter, max_tokens=12))
+    result = json.loads(run.stdout)
+    assert result["tokens"] == [r.token for r in api]
+    assert result["stats"]["media_tokens"] == 60 + 64
