@@ -83,6 +83,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
     parser.add_argument("--prompt", required=True, help="the prompt text, or - to read it from stdin")
     parser.add_argument("--no-chat-template", action="store_true", help="use the prompt text as is")
+    parser.add_argument("--image", action="append", default=None, metavar="PATH",
+                        help="an image file for a model that reads images (repeatable); each fills one image "
+                             "token in the prompt, or goes before the text when the prompt has none")
     parser.add_argument("--output", choices=("text", "json"), default="text",
                         help="text: stream the reply; json: print one JSON object at the end")
     parser.add_argument("--verbose", action="store_true", help="also print a per-round view of the drafts")
@@ -135,12 +138,14 @@ def run_generate(args) -> None:
     if args.system is not None:
         check_text(args.system, "--system")
     model, tokenizer, drafter = load_pair(args)
+    text = with_image_tokens(model, tokenizer, text, args.image)
     prompt = text if args.no_chat_template else chat_prompt(tokenizer, text, args.system, args.thinking)
     warm_up(model, tokenizer, drafter, args)
     pieces, tokens, last = [], [], None
     record = args.verbose or args.stats_json is not None
     for response in stream_generate(model, tokenizer, prompt, draft_model=drafter, record_rounds=record,
-                                    response_format=response_format(args), **generation_options(args)):
+                                    response_format=response_format(args), images=args.image,
+                                    **generation_options(args)):
         pieces.append(response.text)
         tokens.append(response.token)
         last = response
@@ -180,6 +185,16 @@ def warm_up(model, tokenizer, drafter, args) -> None:
     if seconds > WARM_UP_NOTICE_SECONDS and distributed.is_rank_zero():
         print(f"first use on this machine: MLX prepared its kernels in {seconds:.1f} s (once; the speeds below "
               "leave it out)", file=sys.stderr)
+
+
+def with_image_tokens(model, tokenizer, text: str, images: Optional[List[str]]) -> str:
+    """`text` with one image token per image before it, as a chat template writes image
+    parts, unless it holds image tokens already (or the model reads no images)."""
+    if not images or model.vision is None:
+        return text
+    token = tokenizer.convert_ids_to_tokens(model.vision.image_token_id)
+    return text if token in text else token * len(images) + "\n" + text
+
 
 
 def load_pair(args):

@@ -2,7 +2,7 @@
 
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Generator, List, Optional, Union
+from typing import Callable, Generator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
@@ -14,6 +14,7 @@ from .cache_lease import Lease
 from .quantized_cache import QuantizedFullKVCache
 from .drafter import Drafter, check_pair
 from .loading import as_target
+from .media.merge import MediaPrompt
 from .sampling import Sampling
 from .speculative import Round, generate_rounds
 from .stats import SpeculativeStats
@@ -78,6 +79,24 @@ def encode_prompt(tokenizer: TokenizerWrapper, prompt: Union[str, List[int], mx.
     if vocab_size is not None:
         check_token_ids(prompt, vocab_size)
     return mx.array(prompt)
+
+
+def with_images(target, prompt: mx.array, images: Optional[Sequence]) -> Tuple[mx.array, Optional[MediaPrompt]]:
+    """The prompt with its image placeholders expanded, and its images' soft tokens (None
+    without images). Image placeholders without images are an error, as are images for a
+    text-only target."""
+    if target.vision is None:
+        if not images:
+            return prompt, None
+        raise InvalidInput(f"this model reads {' and '.join(target.modalities)} only (its checkpoint has no vision "
+                           "tower): load a multimodal Gemma 4 checkpoint to give it images")
+    if not images and not (prompt == target.vision.image_token_id).any().item():
+        return prompt, None
+    try:
+        ids, media = target.vision.prepare(prompt.tolist(), images or [])
+    except ValueError as e:
+        raise InvalidInput(str(e)) from e
+    return mx.array(ids, dtype=prompt.dtype), media
 
 
 def draft_length(model, draft_model, num_draft_tokens) -> Union[int, str, DraftLengthController]:
@@ -165,27 +184,25 @@ def stream_generate(
     kv_bits: Optional[int] = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
+    images: Optional[Sequence] = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from `prompt`, one response per token.
 
     With `draft_model` the target verifies the drafter's proposals (output identical to
     the target alone); without it this is plain target decoding through the same loop.
-    `num_draft_tokens`: drafts per round (default: the drafter's own number), or "auto":
-    each round's k (0 = plain decoding) chosen from the acceptance and round times
-    measured so far by a controller kept with the drafter (adaptive.py), or such a
-    `DraftLengthController` of your own.
-    `prompt_cache` (from `make_prompt_cache`) keeps K/V across calls: pass only the new
-    tokens then (if a call stops before its first token, the cache may hold part of its
-    prompt: make a new one). A cache serves one generation at a time (see cache_lease.py).
-    Sampling options are mlx-lm's (`temp=0` is greedy); speculative sampling keeps the
-    target's distribution exactly. `draft_mode` is "sampled" (drafts drawn from the
-    drafter's distribution) or "greedy" (its argmax). `seed` makes a run reproducible,
-    whatever runs beside it. `response_format` constrains the output to a JSON schema, a
-    regex or a Lark grammar (structured/grammar.py; exact under speculation). Generation
-    stops with finish_reason "length" at the model's context length (or max_tokens, also
-    inside an unfinished structure). `kv_bits` (4 or 8) quantizes the full-attention K/V
-    after `quantized_kv_start` positions when no prompt_cache is given (quantized_cache.py).
-    Bad arguments raise `validate.InvalidInput` (a ValueError).
+    `num_draft_tokens`: drafts per round (default: the drafter's own), or "auto" (each
+    round's k, 0 = plain, chosen by a controller kept with the drafter; adaptive.py), or a
+    `DraftLengthController`. `prompt_cache` (from `make_prompt_cache`) keeps K/V across
+    calls: pass only the new tokens then (a call that stops before its first token may
+    leave part of its prompt there); one generation at a time (cache_lease.py). Sampling
+    options are mlx-lm's (`temp=0` is greedy), kept exact under speculation; `draft_mode`
+    "sampled" draws drafts from the drafter, "greedy" takes its argmax; `seed` makes a run
+    reproducible whatever runs beside it. `response_format`: a JSON schema, regex or Lark
+    grammar (structured/grammar.py). `kv_bits` (4 or 8): the full-attention K/V quantized
+    after `quantized_kv_start` positions, for a cache made here (quantized_cache.py).
+    `images` (paths, bytes, PIL images or arrays) fill the prompt's image placeholders in
+    order (media/images.py). finish_reason "length": max_tokens (also inside a structure)
+    or the context length. Bad arguments raise `validate.InvalidInput` (a ValueError).
     """
     target = as_target(model)
     tokenizer = tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
@@ -195,6 +212,7 @@ def stream_generate(
     processors = with_grammar(logits_processors, tokenizer, response_format, target.vocab_size)
     sampling = Sampling(temp, top_p, top_k, min_p, min_tokens_to_keep, sampler, processors, draft_mode, seed)
     prompt = encode_prompt(tokenizer, prompt, target.vocab_size)
+    prompt, media = with_images(target, prompt, images)
     if seed is not None and sampler is not None:
         mx.random.seed(seed)  # a custom sampler draws from MLX's global random state
     kv = dict(kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
@@ -209,8 +227,10 @@ def stream_generate(
     try:
         max_tokens = generation_budget(prompt.size, start, max_tokens, target.args.max_position_embeddings)
         stats = SpeculativeStats.empty(max_k, prompt.size, record_rounds, auto=isinstance(k, DraftLengthController))
+        if media is not None:
+            stats.media_tokens, stats.encoder_seconds = media.num_tokens, media.encoder_seconds
         rounds = lease.rounds = generate_rounds(prompt, target, cache, sampling, draft_model, k, prefill_step_size,
-                                                max_tokens)
+                                                max_tokens, media)
         yield from _responses(rounds, tokenizer, prompt.size, stats, max_tokens, lease, start)
     finally:
         if lease.owned:  # else a later generation took the cache and settled it

@@ -19,6 +19,7 @@ from typing import Generator, List, Optional, Tuple, Union
 import mlx.core as mx
 
 from .cache import rollback_cache
+from .media.merge import MediaPrompt
 from .sampling import Sampling
 from .target import Target
 
@@ -78,16 +79,24 @@ class PendingRound:
         return Round(self.position, drafted, n, emitted, logprobs, k=self.k)
 
 
-def prefill(target: Target, prompt: mx.array, cache: List, step_size: int = 512):
-    """Run the prompt through the target in chunks of `step_size`; return the last
-    position's (logits [1, vocab], hidden [1, 1, hidden])."""
+def prefill(target: Target, prompt: mx.array, cache: List, step_size: int = 512,
+            media: Optional[MediaPrompt] = None):
+    """Run the prompt through the target in chunks of `step_size` (a chunk never ends
+    inside one of `media`'s images); return the last position's (logits [1, vocab],
+    hidden [1, 1, hidden])."""
     start = 0
-    while prompt.size - start > step_size:
-        target(prompt[None, start : start + step_size], cache)
+    while True:
+        end = min(start + step_size, prompt.size)
+        end = end if media is None else media.chunk_end(start, end)
+        chunk = None if media is None else media.chunk(start, end)
+        if chunk is None:
+            logits, hidden = target(prompt[None, start:end], cache)
+        else:
+            logits, hidden = target(prompt[None, start:end], cache, media=chunk)
+        if end == prompt.size:
+            return logits[0, -1:], hidden[:, -1:]
         mx.eval([(c.keys, c.values) for c in cache])
-        start += step_size
-    logits, hidden = target(prompt[None, start:], cache)
-    return logits[0, -1:], hidden[:, -1:]
+        start = end
 
 
 def generate_rounds(
@@ -99,6 +108,7 @@ def generate_rounds(
     num_draft_tokens: Union[int, "DraftLengthController"] = 0,
     prefill_step_size: int = 512,
     max_tokens: Optional[int] = None,
+    media: Optional[MediaPrompt] = None,
 ) -> Generator[Round, None, None]:
     """Yield rounds until the caller stops. The first round carries only the token chosen
     from the prompt's last logits.
@@ -110,11 +120,12 @@ def generate_rounds(
     it. When the caller stops, that round in flight is finished, and the cache keeps its
     positions: the caller rolls it back to what it kept (`rollback_cache`). `max_tokens`:
     the tokens the caller will take at most (the first round's included); no round is
-    queued behind one that may reach it, as it would be computed and dropped.
+    queued behind one that may reach it, as it would be computed and dropped. `media`:
+    the prompt's images (prefill only; every round is text).
     """
     controller = num_draft_tokens if drafter is not None and not isinstance(num_draft_tokens, int) else None
     k = num_draft_tokens if drafter is not None and controller is None else 0
-    start, first_logprob = first_token(target, prompt, cache, sampling, prefill_step_size)
+    start, first_logprob = first_token(target, prompt, cache, sampling, prefill_step_size, media)
     budget = math.inf if max_tokens is None else max_tokens
     # Queued before the first token is handed out, unless that token is all the caller takes.
     pending = None if budget == 1 else queue_round(target, drafter, cache, sampling, start,
@@ -190,14 +201,15 @@ class RoundClock:
         self.finished, self.overlapped = now, next_k is not None
 
 
-def first_token(target: Target, prompt: mx.array, cache: List, sampling: Sampling, step_size: int):
+def first_token(target: Target, prompt: mx.array, cache: List, sampling: Sampling, step_size: int,
+                media: Optional[MediaPrompt] = None):
     """Prefill the prompt and choose the token after it: (the first round's input, that
     token's log-probability [1])."""
     position = (cache[0].offset if cache else 0) + prompt.size
     # All model work runs on the one generation stream: in a tensor-parallel run, work on
     # two streams could reach its all-reduces in different orders on different ranks.
     with mx.stream(GENERATION_STREAM):
-        logits, hidden = prefill(target, prompt, cache, step_size)
+        logits, hidden = prefill(target, prompt, cache, step_size, media)
         logprobs = sampling.process(prompt[:-1], prompt[-1:], logits)  # [1, vocab]
         token = sampling.sample(logprobs)  # [1]
     return RoundInput(token, hidden, position, prompt), token_logprobs(logprobs, token)

@@ -26,6 +26,8 @@ class SpeculativeStats:
     drafted_by_position: List[int] = field(default_factory=list)
     prompt_tokens: int = 0
     prompt_tps: float = 0.0
+    media_tokens: int = 0  # the prompt's image soft tokens (counted in prompt_tokens)
+    encoder_seconds: float = 0.0  # reading, preprocessing and encoding the images
     generation_tokens: int = 0
     generation_tps: float = 0.0
     peak_memory: float = 0.0  # GB, as in mlx-lm's GenerationResponse
@@ -102,6 +104,8 @@ class SpeculativeStats:
             drafted_by_position=_summed(self.drafted_by_position, other.drafted_by_position),
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             prompt_tps=_pooled_rate(self.prompt_tokens, self.prompt_tps, other.prompt_tokens, other.prompt_tps),
+            media_tokens=self.media_tokens + other.media_tokens,
+            encoder_seconds=self.encoder_seconds + other.encoder_seconds,
             generation_tokens=self.generation_tokens + other.generation_tokens,
             generation_tps=_pooled_rate(self.generation_tokens, self.generation_tps,
                                         other.generation_tokens, other.generation_tps),
@@ -130,8 +134,10 @@ class SpeculativeStats:
     def summary(self) -> str:
         """The statistics as a few lines of text, for people."""
         by_position = " ".join(f"{a:.2f}" for a in self.acceptance_by_position) or "-"
+        media = (f" ({self.media_tokens} image tokens, encoded in {self.encoder_seconds:.3f} s)"
+                 if self.media_tokens else "")
         return (
-            f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tokens/s\n"
+            f"prompt: {self.prompt_tokens} tokens{media}, {self.prompt_tps:.1f} tokens/s\n"
             f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tokens/s\n"
             f"speculation: k={self.draft_length}, {self.rounds} rounds, "
             f"mean accepted length {self.mean_accepted_length:.2f}, "

@@ -4,7 +4,8 @@ mlx-lm's `gemma4_text` (or multimodal `gemma4`) model does the work, for every s
 12B's `gemma4_unified` / `gemma4_unified_text` configs are mapped onto those). This wrapper
 adds one verify forward that returns logits *and* final-norm hidden states for every input
 position, and zero-copy views of the K/V that the drafter reads: those of the last
-K/V-computing layer of each attention type.
+K/V-computing layer of each attention type. A multimodal checkpoint's vision tower comes
+along (`Target.vision`, media/); prefill chunks holding images run through media/merge.py.
 """
 
 import json
@@ -21,7 +22,10 @@ from .batch.cache import RaggedKVCache
 from .cache import (SharedKV, SlidingKVCache, commit_write, make_target_cache, num_kv_layers, reserve_write,
                     visible_slots)
 from .quantized_cache import QuantizedFullKVCache
-from .checkpoint import CheckpointError, check_model_type, mlx_lm_text_config, read_config, weights_load_error
+from .checkpoint import (CheckpointError, check_model_type, load_safetensors, mlx_lm_text_config, read_config,
+                         weights_load_error)
+from .media.images import Vision, load_vision
+from .media.merge import MediaChunk, forward_with_media
 from .validate import MAX_NUM_DRAFT_TOKENS
 
 # Forwards of up to this many tokens (a decode step, a verify of k + 1) run compiled;
@@ -30,8 +34,13 @@ MAX_COMPILED_TOKENS = MAX_NUM_DRAFT_TOKENS + 1
 
 
 class Target:
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, vision: Optional[Vision] = None, placeholder_ids: Tuple[int, ...] = (),
+                 pad_token_id: int = 0):
         self.model = model
+        self.vision = vision  # the image encoder and processor; None: text only
+        # Media placeholder ids embed as the pad id wherever they stand (a generated one too),
+        # as transformers' multimodal Gemma4Model embeds them.
+        self.placeholder_ids, self.pad_token_id = placeholder_ids, pad_token_id
         self.lm = getattr(model, "language_model", model)  # gemma4_text.Model
         self.args = self.lm.args
         self.backbone = self.lm.model  # gemma4_text.Gemma4TextModel
@@ -47,6 +56,11 @@ class Target:
     def vocab_size(self) -> int:
         return self.args.vocab_size
 
+    @property
+    def modalities(self) -> Tuple[str, ...]:
+        """What the model reads: ("text",) or ("text", "image")."""
+        return ("text",) + (("image",) if self.vision is not None else ())
+
     def make_cache(self, max_draft: int, **kv) -> List:
         """`kv`: kv_bits, kv_group_size, quantized_kv_start (make_target_cache)."""
         return make_target_cache(self.args, max_draft, **kv)
@@ -55,16 +69,26 @@ class Target:
         """The scaled token embedding the target feeds its first layer: [..., hidden]."""
         return self.backbone.embed_tokens(tokens) * self.backbone.embed_scale
 
-    def __call__(self, tokens: mx.array, cache: List, unsettled: Optional[mx.array] = None) -> Tuple[mx.array, mx.array]:
+    def __call__(self, tokens: mx.array, cache: List, unsettled: Optional[mx.array] = None,
+                 media: Optional[MediaChunk] = None) -> Tuple[mx.array, mx.array]:
         """tokens [1, L] -> (logits [1, L, vocab], final-norm hidden [1, L, hidden]).
 
         `unsettled` (int32 []): how many of the cache's newest positions are dropped before
         these tokens, a count still on the device (the previous round's rejected drafts);
-        the caches' own offsets still count them. Needs the compiled forward."""
+        the caches' own offsets still count them. Needs the compiled forward.
+        `media`: the images inside these tokens (a prefill chunk; media/merge.py)."""
+        if media is not None:
+            return forward_with_media(self, self.text_ids(tokens), cache, media, self.pad_token_id)
         if unsettled is not None or self.compiled.handles(tokens, cache):
             return self.compiled(tokens, cache, unsettled)
-        hidden = self.backbone(tokens, cache=cache)
+        hidden = self.backbone(self.text_ids(tokens), cache=cache)
         return self.logits(hidden), hidden
+
+    def text_ids(self, tokens: mx.array) -> mx.array:
+        """`tokens` with every media placeholder id replaced by the pad id."""
+        for placeholder in self.placeholder_ids:
+            tokens = mx.where(tokens == placeholder, self.pad_token_id, tokens)
+        return tokens
 
     def logits(self, hidden: mx.array) -> mx.array:
         """Logits [..., vocab] of final-norm hidden states [..., hidden]."""
@@ -170,7 +194,7 @@ class CompiledForward:
                 window = self.target.args.sliding_window if kind == "sliding_attention" else None
                 masks[kind] = visible_slots(positions, starts, num_new, keys.shape[2], window)
             caches.append(_SlotCache(keys, values, positions, slots[:, None] + mx.arange(num_new)[None], masks[kind]))
-        hidden = self.target.backbone(tokens, cache=caches)
+        hidden = self.target.backbone(self.target.text_ids(tokens), cache=caches)
         return self.target.logits(hidden), hidden, [(c.keys, c.values) for c in caches]
 
 
@@ -199,10 +223,35 @@ def load_target(path: Path, lazy: bool = False):
     config = read_config(path)
     check_model_type(path, config, "target")
     try:
-        model, config = load_model(path, lazy=lazy, model_config=mlx_lm_config(config))
+        model, mlx_config = load_model(path, lazy=lazy, model_config=mlx_lm_config(config))
     except Exception as e:  # unreadable, truncated or mismatched weight files
         raise weights_load_error(path, "model*.safetensors", e) from e
-    return Target(model), _load_tokenizer(path, config)
+    # The 12B's encoder-free embedders (gemma4_unified) are not read yet: it loads as text only.
+    vision = None
+    if config["model_type"] == "gemma4" and config.get("vision_config"):
+        try:
+            vision = load_vision(path, config, load_safetensors(path))
+        except ValueError as e:  # weights missing or of other shapes than vision_config says
+            raise CheckpointError(f"{path}: the vision tower's weights do not fit its vision_config ({e})") from e
+        if not lazy:
+            mx.eval(vision.encoder.parameters())
+    target = Target(model, vision, *placeholders(config, model.args.vocab_size))
+    return target, _load_tokenizer(path, mlx_config)
+
+
+# The placeholder ids of transformers' Gemma4Config (its defaults, where a config omits them).
+PLACEHOLDER_IDS = {"image_token_id": 258_880, "audio_token_id": 258_881, "video_token_id": 258_884}
+
+
+def placeholders(config: Dict, vocab_size: int) -> Tuple[Tuple[int, ...], int]:
+    """(the media placeholder ids inside the vocabulary, the pad id) of a multimodal
+    `gemma4` checkpoint, whose transformers model embeds those ids as the pad id; none for
+    other layouts."""
+    if config.get("model_type") != "gemma4":
+        return (), 0
+    ids = (config.get(name, default) for name, default in PLACEHOLDER_IDS.items())
+    pad = (config.get("text_config") or {}).get("pad_token_id") or 0
+    return tuple(i for i in ids if i is not None and 0 <= i < vocab_size), pad
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")

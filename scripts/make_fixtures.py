@@ -28,6 +28,7 @@ from transformers import (
     Gemma4Config,
     Gemma4ForCausalLM,
     Gemma4ForConditionalGeneration,
+    Gemma4ImageProcessorPil,
     Gemma4TextConfig,
     Gemma4UnifiedAssistantConfig,
     Gemma4UnifiedAssistantForCausalLM,
@@ -37,6 +38,7 @@ from transformers import (
     Gemma4UnifiedForConditionalGeneration,
     Gemma4UnifiedTextConfig,
     Gemma4UnifiedVisionConfig,
+    Gemma4VisionConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
@@ -93,6 +95,12 @@ BIAS_STD = 0.02
 SCALAR_RANGE = (0.5, 1.5)
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+# The vision targets' tokenizer also knows Gemma 4's image tokens (begin, soft token, end),
+# right after the other special tokens.
+IMAGE_TOKENS = ["<|image>", "<|image|>", "<image|>"]
+BOI_ID, IMAGE_ID, EOI_ID = (len(SPECIAL_TOKENS) + i for i in range(len(IMAGE_TOKENS)))
+# The image processor's smallest soft-token budget; 2-pixel patches keep the images small.
+IMAGE_PROCESSOR_SETTINGS = dict(patch_size=2, pooling_kernel_size=3, max_soft_tokens=70)
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -214,6 +222,42 @@ def multimodal_config() -> Gemma4Config:
     return Gemma4Config(text_config=e2b_text_config().to_dict(), vision_config=None, audio_config=None)
 
 
+def vision_config(**settings) -> Gemma4VisionConfig:
+    """A 2-layer vision encoder (2-pixel patches, 3 x 3 pooling, axial RoPE), 32 wide."""
+    return Gemma4VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        patch_size=IMAGE_PROCESSOR_SETTINGS["patch_size"],
+        pooling_kernel_size=IMAGE_PROCESSOR_SETTINGS["pooling_kernel_size"],
+        position_embedding_size=256,  # covers the longest side: 70 soft tokens x 3 patches
+        rms_norm_eps=1e-6,
+        **settings,
+    )
+
+
+def vision_target_config(text_config: Gemma4TextConfig, **vision_settings) -> Gemma4Config:
+    """A multimodal Gemma4Config with a vision tower and the tokenizer's image token ids."""
+    return Gemma4Config(
+        text_config=text_config.to_dict(),
+        vision_config=vision_config(**vision_settings).to_dict(),
+        audio_config=None,
+        boi_token_id=BOI_ID,
+        image_token_id=IMAGE_ID,
+        eoi_token_id=EOI_ID,
+    )
+
+
+def vision_dense_text_config() -> Gemma4TextConfig:
+    """31B-like with bidirectional attention inside each image block (sliding layers)."""
+    config = dense_text_config()
+    config.use_bidirectional_attention = "vision"
+    return config
+
+
 ASSISTANT_TEXT_SETTINGS = dict(
     COMMON_TEXT_SETTINGS,
     hidden_size=32,
@@ -317,7 +361,15 @@ TARGETS: dict[str, tuple[int, Callable[[], PreTrainedModel]]] = {
     "multimodal_target": (4, lambda: Gemma4ForConditionalGeneration(multimodal_config())),
     "unified_target": (7, lambda: Gemma4UnifiedForConditionalGeneration(unified_config())),
     "unified_text_target": (8, lambda: Gemma4UnifiedForCausalLM(unified_text_config())),
+    # E2B-like with a vision tower (standardised soft tokens)
+    "vision_target": (11, lambda: Gemma4ForConditionalGeneration(
+        vision_target_config(e2b_text_config(), standardize=True))),
+    # 31B-like (K=V) with a vision tower (clipped linears), bidirectional image blocks
+    "vision_dense_target": (12, lambda: Gemma4ForConditionalGeneration(
+        vision_target_config(vision_dense_text_config(), use_clipped_linears=True))),
 }
+# Targets that read images: their tokenizer has IMAGE_TOKENS, their folder an image processor.
+VISION_TARGETS = {"vision_target", "vision_dense_target"}
 ASSISTANTS: dict[str, tuple[int, Callable[[], PreTrainedModel]]] = {
     "assistant_centroid": (5, lambda: Gemma4AssistantForCausalLM(assistant_config(centroid_head=True))),
     "assistant_dense": (6, lambda: Gemma4AssistantForCausalLM(assistant_config(centroid_head=False))),
@@ -348,6 +400,12 @@ def initial_value(name: str, tensor: torch.Tensor, generator: torch.Generator) -
 
     if name.endswith("token_ordering"):
         return torch.randperm(shape[0], generator=generator)
+    if name.endswith(("input_min", "output_min")):  # clipped linears' bounds
+        return -2.0 - torch.rand(shape, generator=generator)
+    if name.endswith(("input_max", "output_max")):
+        return 2.0 + torch.rand(shape, generator=generator)
+    if name.endswith("std_scale"):
+        return normal(1.0, NORM_WEIGHT_SPREAD)
     if name.endswith(("layer_scalar", "per_expert_scale")):
         low, high = SCALAR_RANGE
         return low + (high - low) * torch.rand(shape, generator=generator)
@@ -396,7 +454,7 @@ def build_model(name: str) -> PreTrainedModel:
 # Tokenizer
 
 
-def train_tokenizer() -> Tokenizer:
+def train_tokenizer(special_tokens: list[str] = SPECIAL_TOKENS) -> Tokenizer:
     """A BPE tokenizer with exactly VOCAB_SIZE ids, specials first, covering printable ASCII."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     # Like Gemma's tokenizer: spaces become "▁", and no dummy prefix before the text.
@@ -404,7 +462,7 @@ def train_tokenizer() -> Tokenizer:
     tokenizer.decoder = decoders.Metaspace(prepend_scheme="never")
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=sorted(set(string.printable) - set(" \r\x0b\x0c")),
         show_progress=False,
     )
@@ -417,14 +475,16 @@ def train_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(image_tokens: bool = False) -> PreTrainedTokenizerFast:
+    """The fixtures' tokenizer; with `image_tokens`, also Gemma 4's image tokens (IMAGE_TOKENS)."""
+    extra = IMAGE_TOKENS if image_tokens else []
     return PreTrainedTokenizerFast(
-        tokenizer_object=train_tokenizer(),
+        tokenizer_object=train_tokenizer(SPECIAL_TOKENS + extra),
         bos_token="<bos>",
         eos_token="<eos>",
         pad_token="<pad>",
         unk_token="<unk>",
-        extra_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        extra_special_tokens=["<start_of_turn>", "<end_of_turn>"] + extra,
         chat_template=CHAT_TEMPLATE,
     )
 
@@ -469,13 +529,15 @@ def save_model(
 def build_fixtures(out_dir: Path) -> None:
     """Write every target (with tokenizer) and assistant checkpoint under `out_dir`."""
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer()
+    tokenizers = {False: build_tokenizer(), True: build_tokenizer(image_tokens=True)}
     special_ids = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     target_generation = GenerationConfig(**special_ids)
     assistant_generation = GenerationConfig(**special_ids, num_assistant_tokens=NUM_ASSISTANT_TOKENS)
     for name in TARGETS:
         save_model(build_model(name), out_dir / name, target_generation, name not in TRANSFORMERS_SAVED)
-        tokenizer.save_pretrained(out_dir / name)
+        tokenizers[name in VISION_TARGETS].save_pretrained(out_dir / name)
+        if name in VISION_TARGETS:
+            Gemma4ImageProcessorPil(**IMAGE_PROCESSOR_SETTINGS).save_pretrained(out_dir / name)
     for name in ASSISTANTS:
         save_model(build_model(name), out_dir / name, assistant_generation, name not in TRANSFORMERS_SAVED)
 

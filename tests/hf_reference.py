@@ -93,14 +93,15 @@ def hf_logits(model, ids: list[int]) -> np.ndarray:
 
 @torch.no_grad()
 def greedy_step_logits(
-    model, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None
+    model, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None, **prompt_inputs
 ) -> list[torch.Tensor]:
     """The next-token logits of each greedy step, decoding with transformers' KV cache.
 
     A manual loop rather than `generate`, which falls back to the checkpoint's eos id when
     `eos_token_id` is None. Stops right after emitting `eos_token_id` when one is given.
+    `prompt_inputs` go with the prompt's forward only (images).
     """
-    output = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+    output = model(input_ids=torch.tensor([prompt_ids]), use_cache=True, **prompt_inputs)
     step_logits: list[torch.Tensor] = []
     while len(step_logits) < max_new_tokens:
         logits = output.logits[0, -1]
@@ -115,7 +116,7 @@ def greedy_step_logits(
 
 
 def hf_greedy_with_margin(
-    model, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None
+    model, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None, **prompt_inputs
 ) -> tuple[list[int], float]:
     """Greedy decoding with transformers' KV cache: the new tokens, and the smallest top-1
     minus top-2 logit gap along their path.
@@ -123,9 +124,29 @@ def hf_greedy_with_margin(
     Float32 implementations differ by ~1e-4 in these logits, so where the margin is below
     ~1e-3 another correct implementation may pick the other token of a near-tie.
     """
-    step_logits = greedy_step_logits(model, prompt_ids, max_new_tokens, eos_token_id)
+    step_logits = greedy_step_logits(model, prompt_ids, max_new_tokens, eos_token_id, **prompt_inputs)
     margin = min(float(top[0] - top[1]) for top in (logits.topk(2).values for logits in step_logits))
     return [int(logits.argmax()) for logits in step_logits], margin
+
+
+def hf_image_inputs(processed_images, ids: list[int], image_token_id: int) -> dict:
+    """What transformers' Gemma4Processor gives a Gemma4ForConditionalGeneration beside the
+    ids of an expanded prompt: pixels and patch positions of each image (our
+    media.inputs.ProcessedImage, made by its image processor), and the soft-token marks."""
+    return dict(
+        pixel_values=torch.tensor(np.stack([p.pixel_values for p in processed_images])),
+        image_position_ids=torch.tensor(np.stack([p.position_ids for p in processed_images])),
+        mm_token_type_ids=torch.tensor([[int(t == image_token_id) for t in ids]]),
+    )
+
+
+@torch.no_grad()
+def hf_image_features(model, processed_image) -> np.ndarray:
+    """One image's soft tokens in the text width, [n, hidden]: `get_image_features`."""
+    output = model.model.get_image_features(
+        torch.tensor(processed_image.pixel_values[None]), torch.tensor(processed_image.position_ids[None])
+    )
+    return output.pooler_output[0].numpy()
 
 
 @torch.no_grad()

@@ -47,7 +47,7 @@ class _TimedTarget(Target):
     """The target, with the time spent building its forward graphs counted as `verify`."""
 
     def __init__(self, target: Target, clock: _Clock):
-        super().__init__(target.model)
+        super().__init__(target.model, target.vision, target.placeholder_ids, target.pad_token_id)
         self._forward = clock.timed("verify", super().__call__)
 
     def __call__(self, tokens, cache, unsettled=None):
