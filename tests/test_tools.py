@@ -250,3 +250,15 @@ def test_generate_with_thinking_keeps_the_thought_apart(chat_dir, pairs, chat_pa
     thinking = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
                                              tokenize=False, enable_thinking=True)
     assert "<|think|>" in thinking and "<|think|>" not in prompt
+
+
+def test_auto_without_parallel_calls_allows_text_or_one_call(chat_pair):
+    from gemma_mtp_mlx.structured.grammar import grammar_processor
+
+    _, tokenizer, _ = chat_pair
+    fmt = tool_constraint(tokenizer, TOOLS, "auto", parallel=False)
+    call = '<|tool_call>call:now{zone:<|"|>utc<|"|>}<tool_call|>'
+    for text, whole in (("plain words", True), (call, True), (call + call, False)):
+        matcher = grammar_processor(tokenizer, fmt, 256).matcher
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert (matcher.validate_tokens(ids) == len(ids)) == whole, text

@@ -24,7 +24,7 @@ def chat_prompt(s, body: ChatRequest, model_name: str) -> List[int]:
     try:
         check_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
     except ValueError as e:
-        raise BadRequest(str(e), param="tool_choice" if "tool_choice" in str(e) else "tools")
+        raise _tools_error(e)
     options = dict(body.chat_template_kwargs or {}, enable_thinking=body.thinking)
     if body.tools:
         options["tools"] = body.tools
@@ -94,13 +94,18 @@ def tool_format(s, body) -> Optional[dict]:
         constraint = tool_constraint(s.tokenizer, body.tools, body.tool_choice, body.parallel_tool_calls,
                                      body.thinking)
     except ValueError as e:
-        raise BadRequest(str(e), param="tool_choice" if "tool_choice" in str(e) else "tools")
+        raise _tools_error(e)
     if constraint is not None and body.response_format is not None:
         raise BadRequest("response_format and tool_choice both constrain the reply: give one of them",
                          param="response_format")
     if constraint is None and body.thinking and body.response_format:
         return _after_thought(s, body)
     return constraint or body.response_format
+
+
+def _tools_error(e: ValueError) -> BadRequest:
+    """A malformed `tools` or `tool_choice` as a 400 naming the one at fault."""
+    return BadRequest(str(e), param="tool_choice" if "tool_choice" in str(e) else "tools")
 
 
 def _after_thought(s, body) -> dict:

@@ -93,9 +93,9 @@ def _piece_bytes(piece: Optional[str], special: bool) -> bytes:
 def grammar_text(response_format) -> Optional[str]:
     """The llguidance grammar of a `response_format` (None: no constraint). Raises
     InvalidInput naming the field that is wrong."""
-    llguidance = _llguidance()
-    if response_format is None:
+    if response_format is None:  # every unconstrained generation passes here: no llguidance import
         return None
+    llguidance = _llguidance()
     if not isinstance(response_format, dict):
         raise InvalidInput(f"response_format must be an object with a \"type\", got {response_format!r}")
     kind = response_format.get("type")

@@ -110,17 +110,19 @@ def _thought(ids: Dict[str, int], thinking: bool) -> str:
     return f"thought: <[{ids[THOUGHT_START]}]> /(?s:.*)/ <[{ids[THOUGHT_END]}]>"
 
 
-def call_grammar(tools: List[dict], tool_choice, parallel: bool, ids: Dict[str, int], thinking: bool) -> str:
+def call_grammar(tools: List[dict], tool_choice, parallel: bool, ids: Dict[str, int], thinking: bool,
+                 or_text: bool = False) -> str:
     """A reply that is one or more calls (one without `parallel`) of the tools
-    (`tool_choice` required) or of the one named, after an optional thought."""
+    (`tool_choice` required) or of the one named, after an optional thought; with
+    `or_text`, text instead of the calls is allowed too."""
     name = chosen_name(tool_choice)
     functions = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
     rules = _Rules(ids)
     alternatives = [f'"{f["name"]}" {rules.value(dict(f.get("parameters") or {}, type="object"))}'
                     for f in functions]
-    repeat = "+" if parallel else ""
+    body = "(call)" + ("+" if parallel else "")
     return "\n".join([
-        f"start: thought? (call){repeat}",
+        f"start: thought? ({body} | /(?s:.*)/)" if or_text else f"start: thought? {body}",
         _thought(ids, thinking),
         f'call: <[{ids[CALL_START]}]> "call:" fn <[{ids[CALL_END]}]>',
         "fn: " + " | ".join(alternatives),
@@ -145,9 +147,7 @@ def tool_constraint(tokenizer, tools, tool_choice="auto", parallel: bool = True,
         return None
     ids = special_ids(tokenizer)
     if tool_choice in (None, "auto"):  # one call at most
-        calls = call_grammar(tools, "required", False, ids, thinking).replace("start: thought? (call)",
-                                                                   "start: thought? (/(?s:.*)/ | call)", 1)
-        return {"type": "grammar", "grammar": calls}
+        return {"type": "grammar", "grammar": call_grammar(tools, "required", False, ids, thinking, or_text=True)}
     return {"type": "grammar", "grammar": call_grammar(tools, tool_choice, parallel, ids, thinking)}
 
 
